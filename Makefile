@@ -1,0 +1,44 @@
+# Two commands from a fresh clone: `make smoke` and `make test`.
+# Variables: WORKDIR (where runs and prepared datasets go), PYTHON, METHOD.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+WORKDIR ?= /tmp/contrastive
+METHOD ?= simclr
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+PY := $(VENV)/bin/python
+SIMULATED_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: venv data smoke test test-fast clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# The original Fashion-MNIST IDX files (Debian package dataset-fashion-mnist).
+data: $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz
+
+$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz:
+	@echo "Fashion-MNIST not found in $(FASHION_MNIST_DIR); installing Debian's dataset-fashion-mnist."
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist
+	@test -f $@ || (echo "Still missing $@: set FASHION_MNIST_DIR to a folder with the four IDX .gz files." && false)
+
+# Pretrain on 8 simulated CPU devices, then linear evaluation (prints a table).
+smoke: venv data
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(SIMULATED_DEVICES) $(PY) -m contrastive.main \
+	  --config=configs/smoke_fashion_mnist.py:$(METHOD) \
+	  --workdir=$(WORKDIR)/smoke_$(METHOD) \
+	  --config.input.data_dir=$(WORKDIR)/tensorflow_datasets
+
+test: venv data
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(WORKDIR)

@@ -1,0 +1,100 @@
+"""Defaults every config starts from; each paper config overrides a few keys.
+
+Every key the trainer reads exists here, so `--config.x.y=...` on any config
+either sets a real key or fails (configs are locked by `main.py`).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `variant=r50,epochs=350` (or a bare `r50`) against `defaults`.
+
+  A bare word sets the first default key. Values are converted to the
+  default's type.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return parsed
+  first_key = next(iter(defaults))
+  for item in arg.split(","):
+    key, _, value = item.partition("=")
+    if not _:
+      key, value = first_key, item
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument '{key}'; known: "
+                       f"{sorted(defaults)}.")
+    kind = type(defaults[key])
+    if kind is bool:
+      parsed[key] = value.lower() in ("1", "true", "yes", "")
+    else:
+      parsed[key] = kind(value)
+  return parsed
+
+
+def simclr_augment(strength: float = 1.0, blur_prob: float = 0.5,
+                   crop_area_min: float = 0.08) -> ml_collections.ConfigDict:
+  """SimCLR's view recipe; `blur_prob=0` for CIFAR-sized images."""
+  return ml_collections.ConfigDict(dict(
+      crop_area_min=crop_area_min,
+      crop_area_max=1.0,
+      crop_aspect_min=3 / 4,
+      crop_aspect_max=4 / 3,
+      flip=True,
+      color_jitter_prob=0.8,
+      color_strength=strength,
+      grayscale_prob=0.2,
+      blur_prob=blur_prob,
+      solarize_prob=0.0,
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """SimCLR ResNet-50 on ImageNet, 100 epochs: the root of every config."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # [(axis name, size)]; -1 takes the remaining devices.
+  config.mesh = [("data", -1)]
+
+  config.model = dict(
+      name="resnet", depth=50, width=1.0, cifar_stem=False, bn_momentum=0.9,
+      dtype="float32",
+      head=dict(hidden_dims=(2048, 2048), out_dim=128, use_bn=True))
+
+  # `use_labels` passes the class labels to the loss (SupCon); `kwargs` are
+  # the loss's own options, e.g. variant / contrast_mode / base_temperature.
+  config.loss = dict(name="simclr", temperature=0.1, use_labels=False,
+                     kwargs=ml_collections.ConfigDict())
+
+  config.input = dict(
+      dataset="imagenet2012",
+      data_dir=config_dict.placeholder(str),
+      train_split="train",
+      batch_size=4096,  # Global, in images (each gives `views` views).
+      views=2,
+      image_size=224,
+      shuffle_buffer=50_000,
+      augment=simclr_augment(1.0, blur_prob=0.5))
+
+  config.optim = dict(
+      name="lars", lr=0.3, lr_scaling="linear", weight_decay=1e-6,
+      momentum=0.9, nesterov=False, trust_coefficient=1e-3,
+      warmup_epochs=10.0)
+
+  config.total_epochs = 100.0
+  config.total_steps = config_dict.placeholder(int)  # Overrides epochs if set.
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+
+  config.linear_eval = dict(
+      enabled=False,
+      dataset=config_dict.placeholder(str),  # Default: config.input.dataset.
+      train_split="train",
+      test_split="validation",
+      batch_size=1024,
+      steps=500,
+      l2=1e-4,
+      raw_pixel_baseline=False)
+  return config

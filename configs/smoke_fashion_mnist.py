@@ -1,0 +1,54 @@
+r"""CPU smoke run: SimCLR or SupCon on Fashion-MNIST, 8 simulated devices.
+
+What `make smoke` runs:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+  python -m contrastive.main --config=configs/smoke_fashion_mnist.py:simclr \
+      --workdir=/tmp/contrastive/smoke_simclr
+
+Hardware: a 2-core CPU (finishes within 15 minutes with the linear eval).
+Model: ResNet-18 with the CIFAR stem at width 1/4 (16-32-64-128 channels,
+128-d features), head 512-128, 28x28 grayscale inputs, two views.
+Data: the original Fashion-MNIST IDX files (Debian `dataset-fashion-mnist`)
+through our own TFDS builder `fashion_mnist_idx`.
+Expected: linear-eval top-1 on the 10k test images well above a logistic
+regression on raw pixels (84.5% in the Fashion-MNIST benchmark; our own
+L-BFGS probe on raw pixels is printed alongside). Measured numbers are in
+the README.
+
+Variants (`:arg`): `simclr` (NT-Xent, tau 0.5) or `supcon` (L_out, tau 0.1).
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, method="simclr")
+  if args.method not in ("simclr", "supcon"):
+    raise ValueError(f"Variant must be 'simclr' or 'supcon', got "
+                     f"'{args.method}'.")
+  config = common.base_config()
+  config.model.update(depth=18, width=0.25, cifar_stem=True)
+  config.model.head.update(hidden_dims=(512,), out_dim=128, use_bn=True)
+
+  config.input.update(dataset="fashion_mnist_idx", batch_size=256,
+                      image_size=28, shuffle_buffer=10_000)
+  # Grayscale 28 px: milder colour distortion, no blur, larger crops.
+  config.input.augment = common.simclr_augment(
+      0.5, blur_prob=0.0, crop_area_min=0.2)
+
+  config.optim.update(name="lars", lr=1.0, lr_scaling="linear",
+                      weight_decay=1e-4, warmup_epochs=0.2)
+  config.total_epochs = 3.0
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 200
+
+  if args.method == "simclr":
+    config.loss.update(name="simclr", temperature=0.5, use_labels=False)
+  else:
+    config.loss.update(name="supcon", temperature=0.1, use_labels=True)
+    config.loss.kwargs = dict(variant="out", contrast_mode="all")
+
+  config.linear_eval.update(enabled=True, train_split="train",
+                            test_split="test", batch_size=1024, steps=300,
+                            raw_pixel_baseline=True)
+  return config

@@ -1,0 +1,1 @@
+"""Input data: TFDS builders, SimCLR augmentations, tf.data pipelines."""

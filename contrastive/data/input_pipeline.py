@@ -1,0 +1,308 @@
+"""tf.data pipelines over TFDS: augmented pretraining views, and eval.
+
+Each JAX process reads only its own slice of a split (`tfds.even_splits`), so
+a pod never reads an example twice per epoch. Randomness is seeded end to
+end: TFDS file order and the shuffle buffer take `seed`, and every view's
+augmentation is keyed by (seed, process, running example count), so a
+pipeline restarted with the same seed yields the same batches.
+"""
+
+import math
+
+import jax
+import ml_collections
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from contrastive.data import augment
+# Imported to register the `fashion_mnist_idx` builder with TFDS.
+from contrastive.data import fashion_mnist
+
+# Builders whose source files are local: preparing them is cheap and needs no
+# network, so it happens on first use instead of being a manual step.
+_LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,)
+
+# Decoded images up to this many bytes per process are cached in memory, so
+# later epochs skip reading and PNG decoding (Fashion-MNIST: 47 MB, CIFAR-10:
+# 150 MB). Encoded datasets (ImageNet) are never cached: too large.
+_CACHE_LIMIT_BYTES = 2 * 2**30
+
+
+def _prepared_builder(dataset: str,
+                      data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """Returns the builder of `dataset`, prepared, or says how to prepare it."""
+  builder = tfds.builder(dataset, data_dir=data_dir)
+  if isinstance(builder, _LOCAL_BUILDERS):
+    try:
+      # The data is local: never look for a copy on GCS (no network needed).
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except OSError:
+      # Processes sharing a data_dir race to prepare it; the losers' final
+      # rename fails, but the winner's copy is there to use.
+      builder = tfds.builder(dataset, data_dir=data_dir)
+      if not builder.is_prepared():
+        raise
+  elif not builder.is_prepared():
+    root = builder.data_dir_root
+    searched = (f"data_dir={root}" if data_dir else
+                f"the default data_dir {root} (input.data_dir is unset; set "
+                "it or $TFDS_DATA_DIR to where the data is)")
+    message = (f"TFDS dataset '{dataset}' is not prepared in {searched}: "
+               f"{builder.data_dir} does not exist. Prepare it once with "
+               f"`tfds build {dataset} --data_dir={root}`.")
+    manual = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+    if manual:
+      message += (f" It needs a manual download first: put the source files "
+                  f"in {root}/downloads/manual. {' '.join(manual.split())}")
+    raise FileNotFoundError(message)
+  return builder
+
+
+def _check_split(info: tfds.core.DatasetInfo, split: str) -> int:
+  """Returns the number of examples in `split`, with a clear error if bad."""
+  try:
+    return info.splits[split].num_examples
+  except (KeyError, ValueError, AssertionError) as e:
+    raise ValueError(
+        f"Invalid split '{split}' for TFDS dataset '{info.name}' ({e}). "
+        f"Available splits: {sorted(info.splits.keys())}; TFDS slicing such "
+        "as 'train[:10%]' or 'train[:5000]' applies to these.") from e
+
+
+def _process_shard(process_index: int | None,
+                   process_count: int | None) -> tuple[int, int]:
+  """Fills in this JAX process's index and the process count."""
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in "
+                     f"[0, {process_count}).")
+  return process_index, process_count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f"Global batch size {global_batch_size} is not divisible "
+                     f"by the number of processes {process_count}.")
+  return global_batch_size // process_count
+
+
+def _is_jpeg(info: tfds.core.DatasetInfo) -> bool:
+  """Whether images are JPEG, to be decoded fused with their crop."""
+  return info.features["image"].encoding_format == "jpeg"
+
+
+def _fits_in_memory(image_shape: tuple[int | None, ...],
+                    count: int) -> bool:
+  """Whether `count` decoded uint8 images of `image_shape` fit the cache."""
+  if None in image_shape:
+    return False
+  return count * math.prod(image_shape) <= _CACHE_LIMIT_BYTES
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  # Each map call is a small image: parallelism across calls, not inside ops.
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _read(builder: tfds.core.DatasetBuilder, split, *, shuffle_files: bool,
+          seed: int | None = None) -> tf.data.Dataset:
+  """Reads (image, label) pairs; JPEG images stay encoded."""
+  decoders = ({"image": tfds.decode.SkipDecoding()}
+              if _is_jpeg(builder.info) else None)
+  read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options(),
+                                try_autocache=False)
+  dataset = builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                               decoders=decoders, read_config=read_config)
+  # Other features (e.g. ImageNet's file names) would only cost memory.
+  return dataset.map(lambda ex: (ex["image"], ex["label"]),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def dataset_info(dataset: str,
+                 data_dir: str | None) -> tfds.core.DatasetInfo:
+  """Returns the TFDS info of `dataset`, preparing local datasets first.
+
+  Args:
+    dataset: TFDS name, e.g. "fashion_mnist_idx", "cifar10", "imagenet2012".
+    data_dir: TFDS data dir; None for TFDS's default.
+
+  Returns:
+    The dataset's `tfds.core.DatasetInfo`.
+
+  Raises:
+    FileNotFoundError: if the dataset is not prepared (or, for
+      `fashion_mnist_idx`, its source files are missing); the message says
+      how to get it.
+  """
+  return _prepared_builder(dataset, data_dir).info
+
+
+def num_examples(dataset: str, split: str, data_dir: str | None) -> int:
+  """Returns the number of examples in `split` (TFDS slicing allowed).
+
+  Args:
+    dataset: TFDS name.
+    split: split, e.g. "train", "train[:10%]", "train+test".
+    data_dir: TFDS data dir; None for TFDS's default.
+
+  Returns:
+    The number of examples.
+
+  Raises:
+    ValueError: if the split is not valid; the message lists the splits.
+  """
+  return _check_split(dataset_info(dataset, data_dir), split)
+
+
+def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
+  return dict(
+      area_range=(augment_config.crop_area_min, augment_config.crop_area_max),
+      aspect_range=(augment_config.crop_aspect_min,
+                    augment_config.crop_aspect_max),
+      flip=augment_config.flip,
+      color_jitter_prob=augment_config.color_jitter_prob,
+      color_strength=augment_config.color_strength,
+      grayscale_prob=augment_config.grayscale_prob,
+      blur_prob=augment_config.blur_prob,
+      solarize_prob=augment_config.solarize_prob)
+
+
+def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
+                     process_index: int | None = None,
+                     process_count: int | None = None) -> tf.data.Dataset:
+  """Infinite batches of augmented views of this process's shard of the split.
+
+  Args:
+    input_config: `config.input`: dataset, data_dir, train_split, batch_size
+      (global, in images), views, image_size, shuffle_buffer and augment
+      (see `configs/common.py`).
+    seed: seeds file order, shuffling and augmentation.
+    process_index: this process; default `jax.process_index()`.
+    process_count: number of processes; default `jax.process_count()`.
+
+  Returns:
+    A dataset of {"image": float32 [b, views, S, S, C] in [0, 1],
+    "label": int32 [b]}, b = batch_size // process_count. The split is cut
+    into process_count equal shards (dropping at most process_count - 1
+    examples) and each process reads only its own.
+  """
+  process_index, process_count = _process_shard(process_index, process_count)
+  local_batch_size = _local_batch_size(input_config.batch_size, process_count)
+  num_views = input_config.views
+  if num_views < 1:
+    raise ValueError(f"input.views must be >= 1, got {num_views}.")
+  builder = _prepared_builder(input_config.dataset, input_config.data_dir)
+  info = builder.info
+  _check_split(info, input_config.train_split)
+  shard = tfds.even_splits(input_config.train_split, n=process_count,
+                           drop_remainder=True)[process_index]
+  shard_size = info.splits[shard].num_examples
+  if shard_size < local_batch_size:
+    raise ValueError(
+        f"Process {process_index}'s shard of '{input_config.train_split}' has "
+        f"{shard_size} examples, fewer than its batch of {local_batch_size}; "
+        "batches would repeat images, which the loss takes as negatives.")
+
+  encoded = _is_jpeg(info)
+  image_shape = info.features["image"].shape
+  dataset = _read(builder, shard, shuffle_files=True, seed=seed)
+  if not encoded and _fits_in_memory(image_shape, shard_size):
+    dataset = dataset.cache()
+  dataset = dataset.shuffle(input_config.shuffle_buffer, seed=seed,
+                            reshuffle_each_iteration=True)
+  dataset = dataset.repeat().enumerate()
+
+  view_kwargs = _view_kwargs(input_config.augment)
+  # Mixing in the process index keeps processes from sharing crops.
+  stream_seed = tf.constant([seed, process_index], tf.int64)
+
+  def make_views(index, example):
+    image, label = example
+    example_seed = tf.random.experimental.stateless_fold_in(stream_seed, index)
+    view_seeds = tf.random.experimental.stateless_split(example_seed,
+                                                        num=num_views)
+    views = [
+        augment.simclr_view(image, view_seeds[v], size=input_config.image_size,
+                            encoded=encoded, channels=image_shape[-1],
+                            **view_kwargs)
+        for v in range(num_views)
+    ]
+    return {"image": tf.stack(views, axis=0),
+            "label": tf.cast(label, tf.int32)}
+
+  dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = dataset.batch(local_batch_size, drop_remainder=True,
+                          num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_dataset(dataset: str, split: str, *, global_batch_size: int,
+                 image_size: int, data_dir: str | None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> tf.data.Dataset:
+  """One pass over this process's shard of `split`, padded to full batches.
+
+  Args:
+    dataset: TFDS name.
+    split: split to read, TFDS slicing allowed.
+    global_batch_size: images per step over all processes.
+    image_size: output side S.
+    data_dir: TFDS data dir; None for TFDS's default.
+    process_index: this process; default `jax.process_index()`.
+    process_count: number of processes; default `jax.process_count()`.
+
+  Returns:
+    A finite dataset of {"image": float32 [b, S, S, C] in [0, 1],
+    "label": int32 [b], "mask": bool [b]}, b = global_batch_size //
+    process_count. Every example of the split appears exactly once with mask
+    True across processes; padding (zeros, mask False) fills the last batches
+    so that every batch has the same shape and every process yields the same
+    number of batches (a multi-host eval step would otherwise hang).
+  """
+  process_index, process_count = _process_shard(process_index, process_count)
+  local_batch_size = _local_batch_size(global_batch_size, process_count)
+  builder = _prepared_builder(dataset, data_dir)
+  info = builder.info
+  _check_split(info, split)
+  shards = tfds.even_splits(split, n=process_count, drop_remainder=False)
+  shard_sizes = [info.splits[shard].num_examples for shard in shards]
+  num_batches = -(-max(shard_sizes) // local_batch_size)
+  shard_size = shard_sizes[process_index]
+
+  encoded = _is_jpeg(info)
+  image_shape = info.features["image"].shape
+  channels = image_shape[-1]
+  # Variable-size images are photos (ImageNet-like): centre-crop them as
+  # SimCLR's eval does. Fixed-size ones (CIFAR, Fashion-MNIST) are whole.
+  crop_fraction = (augment.EVAL_CROP_FRACTION if None in image_shape[:2]
+                   else None)
+
+  def preprocess(image, label):
+    image = augment.eval_view(image, size=image_size,
+                              crop_fraction=crop_fraction, encoded=encoded,
+                              channels=channels)
+    return {"image": tf.ensure_shape(image, [image_size, image_size,
+                                             channels]),
+            "label": tf.cast(label, tf.int32),
+            "mask": tf.constant(True)}
+
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([image_size, image_size, channels], tf.float32),
+      "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(False),
+  }).repeat(num_batches * local_batch_size - shard_size)
+  examples = padding
+  if shard_size:  # TFDS cannot read an empty shard (more processes than data).
+    examples = _read(builder, shards[process_index], shuffle_files=False)
+    examples = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    examples = examples.concatenate(padding)
+  batches = examples.batch(local_batch_size, drop_remainder=True)
+  return batches.prefetch(tf.data.AUTOTUNE).with_options(_options())

@@ -1,0 +1,134 @@
+"""Linear evaluation of a frozen encoder (minimal protocol).
+
+Features are the encoder's pooled output with BatchNorm in inference mode,
+extracted once over the mesh. A multinomial logistic regression on
+standardised features is fitted to convergence with full-batch L-BFGS
+(convex, so no learning-rate or epoch tuning), then scored on the test split.
+The result goes to `workdir/linear_eval.json`:
+  {"top1": ..., "top5": ..., "dataset": ..., "split": ..., ...}
+"""
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from contrastive import sharding
+from contrastive.data import input_pipeline
+
+
+def extract(config, dataset: str, split: str, mesh,
+            embed_fn=None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (features f32[N, F], labels i32[N]) of every example of `split`.
+
+  `embed_fn(images)` maps a global batch-sharded `f32[b, H, W, C]` to
+  features; None gives raw pixels.
+  """
+  features, labels = [], []
+  batches = input_pipeline.eval_dataset(
+      dataset, split, global_batch_size=config.linear_eval.batch_size,
+      image_size=config.input.image_size, data_dir=config.input.data_dir)
+  for local in batches.as_numpy_iterator():
+    batch = sharding.make_global_batch(mesh, local)
+    out = (batch["image"].reshape(batch["image"].shape[0], -1)
+           if embed_fn is None else embed_fn(batch["image"]))
+    out, label, mask = multihost_utils.process_allgather(
+        (out, batch["label"], batch["mask"]), tiled=True)
+    features.append(np.asarray(out, np.float32)[mask])
+    labels.append(np.asarray(label)[mask])
+  return np.concatenate(features), np.concatenate(labels)
+
+
+def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
+                            *, steps: int, l2: float) -> dict[str, jax.Array]:
+  """Multinomial logistic regression, L-BFGS on the L2-regularised mean CE.
+
+  Returns params with the standardisation folded in: logits = x @ w + b.
+  """
+  mean, std = x.mean(0), x.std(0) + 1e-6
+  xs = jnp.asarray((x - mean) / std)
+  onehot = jax.nn.one_hot(jnp.asarray(y), num_classes)
+
+  def loss(params):
+    logits = xs @ params["w"] + params["b"]
+    ce = optax.softmax_cross_entropy(logits, onehot).mean()
+    return ce + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+
+  solver = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  @jax.jit
+  def fit(params):
+    def body(_, carry):
+      params, opt_state = carry
+      value, grad = value_and_grad(params, state=opt_state)
+      updates, opt_state = solver.update(grad, opt_state, params, value=value,
+                                         grad=grad, value_fn=loss)
+      return optax.apply_updates(params, updates), opt_state
+    return jax.lax.fori_loop(0, steps, body, (params, solver.init(params)))[0]
+
+  params = fit({"w": jnp.zeros((x.shape[1], num_classes)),
+                "b": jnp.zeros((num_classes,))})
+  w = params["w"] / std[:, None]
+  return {"w": w, "b": params["b"] - jnp.asarray(mean) @ w}
+
+
+def topk_accuracy(params, x: np.ndarray, y: np.ndarray,
+                  ks=(1, 5)) -> dict[str, float]:
+  logits = jnp.asarray(x) @ params["w"] + params["b"]
+  ranked = jnp.argsort(-logits, axis=-1)
+  hits = ranked == jnp.asarray(y)[:, None]
+  return {f"top{k}": float(jnp.mean(jnp.any(hits[:, :k], axis=-1)))
+          for k in ks}
+
+
+def probe(config, dataset: str, mesh, embed_fn=None) -> dict[str, Any]:
+  """Extracts train/test features and scores a linear classifier on them."""
+  eval_config = config.linear_eval
+  info = input_pipeline.dataset_info(dataset, config.input.data_dir)
+  num_classes = info.features["label"].num_classes
+  train_x, train_y = extract(config, dataset, eval_config.train_split, mesh,
+                             embed_fn)
+  test_x, test_y = extract(config, dataset, eval_config.test_split, mesh,
+                           embed_fn)
+  params = fit_logistic_regression(train_x, train_y, num_classes,
+                                   steps=eval_config.steps, l2=eval_config.l2)
+  result = topk_accuracy(params, test_x, test_y)
+  result.update(
+      train_top1=topk_accuracy(params, train_x, train_y, ks=(1,))["top1"],
+      num_train=int(train_x.shape[0]), num_test=int(test_x.shape[0]),
+      feature_dim=int(train_x.shape[1]))
+  return result
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, model, state,
+             mesh, logger=None) -> dict[str, Any]:
+  """Linear evaluation of `state`'s encoder; writes `linear_eval.json`."""
+  dataset = config.linear_eval.dataset or config.input.dataset
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  apply_features = jax.jit(
+      lambda variables, x: model.apply(variables, x, method=model.features),
+      out_shardings=sharding.batch_sharding(mesh))
+  result = probe(config, dataset, mesh,
+                 lambda x: apply_features(variables, x))
+  result.update(dataset=dataset, split=config.linear_eval.test_split,
+                step=int(jax.device_get(state.step)))
+  if config.linear_eval.raw_pixel_baseline:
+    raw = probe(config, dataset, mesh, embed_fn=None)
+    result["raw_pixels"] = {k: raw[k] for k in ("top1", "top5",
+                                                "feature_dim")}
+  logging.info("Linear eval: %s", result)
+  if logger is not None:
+    logger.write(result["step"], {"linear_eval/top1": result["top1"],
+                                  "linear_eval/top5": result["top5"]})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "linear_eval.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result

@@ -1,0 +1,81 @@
+r"""Entry point: pretrain (resuming from --workdir), then evaluate.
+
+  python -m contrastive.main --config=configs/smoke_fashion_mnist.py:simclr \
+      --workdir=/tmp/smoke [--config.total_steps=100 ...]
+
+This file is intentionally short; the logic is in `train.py`.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow as tf
+
+from contrastive import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':arg'.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints and metrics go; reused to resume.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, for multi-process CPU/GPU runs (on a multi-host "
+    "TPU slice this is detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed() -> None:
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0:
+    # Multi-host TPU slice: JAX reads the topology from the TPU metadata.
+    jax.distributed.initialize()
+
+
+def _result_table(result) -> str:
+  lines = ["| representation | top-1 | top-5 |", "|---|---|---|"]
+  evaluation = result["linear_eval"]
+  if "raw_pixels" in evaluation:
+    raw = evaluation["raw_pixels"]
+    lines.append(f"| raw pixels ({raw['feature_dim']}-d), logistic regression "
+                 f"| {100 * raw['top1']:.2f} | {100 * raw['top5']:.2f} |")
+  lines.append(f"| frozen encoder ({evaluation['feature_dim']}-d) after "
+               f"{result['step']} steps, logistic regression "
+               f"| {100 * evaluation['top1']:.2f} "
+               f"| {100 * evaluation['top5']:.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # TF only feeds data; keep it off accelerators that JAX owns.
+  tf.config.set_visible_devices([], "GPU")
+  _initialize_distributed()
+  logging.info("JAX process %d/%d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  config = _CONFIG.value
+  result = train.train_and_evaluate(config, _WORKDIR.value)
+  if jax.process_index() == 0 and "linear_eval" in result:
+    print(f"\nLinear evaluation on {result['linear_eval']['dataset']} "
+          f"{result['linear_eval']['split']} "
+          f"({result['linear_eval']['num_test']} images):")
+    print(_result_table(result))
+    print(json.dumps({"workdir": _WORKDIR.value,
+                      "images_per_sec": result["train"].get("images_per_sec")}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,28 @@
+"""Models by config: `models.create(config.model)`."""
+
+import jax.numpy as jnp
+import ml_collections
+
+from contrastive.models import encoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def create(model_config: ml_collections.ConfigDict) -> encoder.ContrastiveModel:
+  """Builds the encoder + head described by `config.model`."""
+  if model_config.name != "resnet":
+    raise ValueError(f"Unknown model '{model_config.name}'; only 'resnet' "
+                     "is implemented.")
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, "
+                     f"got '{model_config.dtype}'.")
+  return encoder.ContrastiveModel(
+      depth=model_config.depth,
+      width=model_config.width,
+      cifar_stem=model_config.cifar_stem,
+      head_hidden_dims=tuple(model_config.head.hidden_dims),
+      head_out_dim=model_config.head.out_dim,
+      head_bn=model_config.head.use_bn,
+      bn_momentum=model_config.bn_momentum,
+      dtype=DTYPES[model_config.dtype],
+  )

@@ -1,0 +1,78 @@
+"""Encoder + projection head -> L2-normalised embeddings.
+
+`ContrastiveModel(x, train)` returns `{"features": h, "embedding": z}`:
+h is the pooled encoder output (what linear evaluation reads), z the
+normalised projection the contrastive loss consumes.
+
+Heads:
+  - SimCLR: `hidden_dims=(2048, 2048), out_dim=128, use_bn=True`
+    (Linear-BN-ReLU twice, then Linear-BN without bias or ReLU, as in
+    google-research/simclr `ProjectionHead`, `proj_out_dim=128`).
+  - SupCon TF: `hidden_dims=(), out_dim=128` (one dense layer).
+"""
+
+from collections.abc import Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from contrastive.models import resnet
+
+
+class ProjectionHead(nn.Module):
+  hidden_dims: Sequence[int] = (2048, 2048)
+  out_dim: int = 128
+  use_bn: bool = True
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, h, train: bool):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=1e-5)
+    x = h
+    for dim in self.hidden_dims:
+      x = nn.Dense(dim, use_bias=not self.use_bn)(x)
+      if self.use_bn:
+        x = norm()(x)
+      x = nn.relu(x)
+    x = nn.Dense(self.out_dim, use_bias=not self.use_bn)(x)
+    if self.use_bn:
+      x = norm(use_bias=False)(x)
+    return x
+
+
+def l2_normalize(x, eps=1e-12):
+  x = x.astype(jnp.float32)
+  return x * jnp.reciprocal(
+      jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps)))
+
+
+class ContrastiveModel(nn.Module):
+  """ResNet encoder + projection head; images `[batch, H, W, C]`."""
+  depth: int = 50
+  width: float = 1.0
+  cifar_stem: bool = False
+  head_hidden_dims: Sequence[int] = (2048, 2048)
+  head_out_dim: int = 128
+  head_bn: bool = True
+  bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = resnet.ResNet(
+        depth=self.depth, width=self.width, cifar_stem=self.cifar_stem,
+        bn_momentum=self.bn_momentum, dtype=self.dtype)
+    self.head = ProjectionHead(
+        hidden_dims=tuple(self.head_hidden_dims), out_dim=self.head_out_dim,
+        use_bn=self.head_bn, bn_momentum=self.bn_momentum)
+
+  def __call__(self, x, train: bool):
+    h = self.encoder(x, train=train)
+    z = l2_normalize(self.head(h, train=train))
+    return {"features": h, "embedding": z}
+
+  def features(self, x):
+    """Frozen-encoder features for evaluation (BN in inference mode)."""
+    return self.encoder(x, train=False)

@@ -1,0 +1,188 @@
+"""Contrastive pretraining: `train_and_evaluate(config, workdir)`.
+
+The step is a pure function of (state, batch); it is jitted once over the
+mesh with explicit shardings and the state donated. The batch is
+`{"image": f32[B, V, H, W, C], "label": i32[B]}`, sharded on B over `data`;
+views are folded into the batch for the encoder (global BN over all B*V
+views, as SimCLR) and unfolded for the loss, which meets the global batch
+through `shard_map` (see `contrastive/sharding.py`).
+"""
+
+import functools
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from contrastive import checkpoint
+from contrastive import losses
+from contrastive import metric_logging
+from contrastive import models
+from contrastive import optim
+from contrastive import sharding
+from contrastive import state as state_lib
+from contrastive.data import input_pipeline
+from contrastive.evaluation import linear
+
+
+def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
+               model, tx: optax.GradientTransformation, loss_fn,
+               loss_config: ml_collections.ConfigDict,
+               schedule: optax.Schedule):
+  """One optimisation step on the global batch; returns (state, metrics)."""
+  images = batch["image"]
+  num_images, num_views = images.shape[:2]
+  labels = batch["label"] if loss_config.use_labels else None
+
+  def compute_loss(params):
+    outputs, new_model_state = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        images.reshape(num_images * num_views, *images.shape[2:]),
+        train=True, mutable=["batch_stats"])
+    z = outputs["embedding"].reshape(num_images, num_views, -1)
+    loss, loss_metrics = loss_fn(z, labels,
+                                 temperature=loss_config.temperature,
+                                 **loss_config.kwargs)
+    return loss, (loss_metrics, new_model_state["batch_stats"])
+
+  (loss, (loss_metrics, batch_stats)), grads = jax.value_and_grad(
+      compute_loss, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss": loss,
+      "learning_rate": schedule(state.step),
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      **loss_metrics,
+  }
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def steps_for(config: ml_collections.ConfigDict,
+              num_train_examples: int) -> tuple[int, int, int]:
+  """(total_steps, warmup_steps, steps_per_epoch) from epochs or steps."""
+  steps_per_epoch = max(num_train_examples // config.input.batch_size, 1)
+  total = config.total_steps or math.ceil(
+      config.total_epochs * steps_per_epoch)
+  warmup = math.ceil(config.optim.warmup_epochs * steps_per_epoch)
+  return total, warmup, steps_per_epoch
+
+
+def _device_prefetch(iterator, mesh, size: int = 2):
+  """Keeps `size` global batches in flight so host->device copies overlap."""
+  queue = []
+  for local in iterator:
+    queue.append(sharding.make_global_batch(mesh, local))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Pretrains (resuming from `workdir` if it holds a checkpoint), evaluates.
+
+  Returns the final training metrics and, if enabled, the linear-eval result.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_divisible(config.input.batch_size, mesh)
+
+  info = input_pipeline.dataset_info(config.input.dataset,
+                                     config.input.data_dir)
+  num_train = input_pipeline.num_examples(
+      config.input.dataset, config.input.train_split, config.input.data_dir)
+  total_steps, warmup_steps, steps_per_epoch = steps_for(config, num_train)
+  image_shape = (config.input.image_size, config.input.image_size,
+                 info.features["image"].shape[-1])
+  logging.info("Training %d steps (%d per epoch, warm-up %d) on %d devices, "
+               "global batch %d images x %d views.", total_steps,
+               steps_per_epoch, warmup_steps, mesh.size,
+               config.input.batch_size, config.input.views)
+
+  model = models.create(config.model)
+  schedule = optim.learning_rate_schedule(
+      config.optim, config.input.batch_size, total_steps, warmup_steps)
+  tx = optim.create(config.optim, schedule)
+  loss_fn = losses.get_with_metrics(config.loss.name)
+
+  manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
+  abstract_state = state_lib.abstract_train_state(model, tx, image_shape, mesh)
+  state = checkpoint.restore_latest(manager, abstract_state)
+  if state is None:
+    state = state_lib.create_train_state(
+        model, tx, jax.random.key(config.seed), image_shape, mesh)
+  start_step = int(jax.device_get(state.step))
+
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  batch_shardings = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                        loss_config=config.loss, schedule=schedule),
+      in_shardings=(state_shardings, batch_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+  # Offsetting the seed by the start step keeps a resumed run from replaying
+  # the data order of its first steps.
+  dataset = input_pipeline.pretrain_dataset(
+      config.input, seed=config.seed * 1_000_003 + start_step)
+  batches = _device_prefetch(dataset.as_numpy_iterator(), mesh)
+
+  logger = metric_logging.MetricLogger(workdir)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=logger.writer)
+  images_per_step = config.input.batch_size
+  last_metrics = {}
+  with jax.set_mesh(mesh):
+    timer_step, timer_start = start_step, time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = step_fn(state, next(batches))
+      report_progress(step)
+      if step == start_step + 1:
+        # Keep compilation out of the throughput figure.
+        jax.block_until_ready(state)
+        timer_step, timer_start = step, time.perf_counter()
+      if step % config.log_every_steps == 0 or step == total_steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - timer_start
+        rate = (images_per_step * (step - timer_step) / elapsed
+                if step > timer_step else float("nan"))
+        metrics.update(images_per_sec=rate,
+                       images_per_sec_per_device=rate / mesh.size,
+                       epoch=step / steps_per_epoch)
+        logger.write(step, metrics)
+        last_metrics = metrics
+        logging.info("step %d/%d: loss %.4f, acc %.3f, %.1f images/s", step,
+                     total_steps, metrics["loss"],
+                     metrics["contrastive_acc"], rate)
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(
+              f"Loss is {metrics['loss']} at step {step}; stopping before a "
+              "poisoned checkpoint is written. Lower the learning rate or "
+              "raise the temperature.")
+        timer_step, timer_start = step, time.perf_counter()
+      if step % config.checkpoint_every_steps == 0 and step != total_steps:
+        checkpoint.save(manager, state)
+    checkpoint.save(manager, state, force=True)
+    manager.wait_until_finished()
+
+    result = {"train": last_metrics, "step": int(jax.device_get(state.step))}
+    if config.linear_eval.enabled:
+      result["linear_eval"] = linear.evaluate(
+          config, workdir, model, state, mesh, logger)
+  logger.close()
+  manager.close()
+  return result

@@ -1,0 +1,78 @@
+"""A train step on 8 devices equals the same global batch on 1 device."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke_fashion_mnist
+from contrastive import losses
+from contrastive import models
+from contrastive import optim
+from contrastive import sharding
+from contrastive import state as state_lib
+from contrastive import train
+
+IMAGE_SHAPE = (12, 12, 1)
+
+
+def _config(method):
+  config = smoke_fashion_mnist.get_config(method)
+  config.model.width = 0.125
+  config.model.head.hidden_dims = (32,)
+  config.model.head.out_dim = 16
+  return config
+
+
+def _run_steps(config, mesh, batches, num_steps=2):
+  model = models.create(config.model)
+  schedule = optim.learning_rate_schedule(config.optim, 16, 10, 2)
+  tx = optim.create(config.optim, schedule)
+  state = state_lib.create_train_state(model, tx, jax.random.key(0),
+                                       IMAGE_SHAPE, mesh)
+  step = jax.jit(functools.partial(
+      train.train_step, model=model, tx=tx,
+      loss_fn=losses.get_with_metrics(config.loss.name),
+      loss_config=config.loss, schedule=schedule))
+  metrics = []
+  with jax.set_mesh(mesh):
+    for batch in batches[:num_steps]:
+      state, m = step(state, sharding.make_global_batch(mesh, batch))
+      metrics.append(jax.device_get(m))
+  return jax.device_get(state), metrics
+
+
+@pytest.mark.parametrize("method", ["simclr", "supcon"])
+def test_eight_devices_equal_one(method):
+  rng = np.random.default_rng(0)
+  batches = [{
+      "image": rng.uniform(size=(16, 2, *IMAGE_SHAPE)).astype(np.float32),
+      "label": rng.integers(0, 4, size=16).astype(np.int32),
+  } for _ in range(2)]
+  config = _config(method)
+  one = sharding.make_mesh(devices=jax.devices()[:1])
+  eight = sharding.make_mesh()
+  assert eight.size == 8
+  state1, metrics1 = _run_steps(config, one, batches)
+  state8, metrics8 = _run_steps(config, eight, batches)
+  for m1, m8 in zip(metrics1, metrics8):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  # The step changed the parameters and BN statistics, identically.
+  assert int(state8.step) == 2
+  flat1 = jax.tree.leaves_with_path(state1.params)
+  flat8 = jax.tree.leaves(state8.params)
+  for (path, p1), p8 in zip(flat1, flat8):
+    np.testing.assert_allclose(p8, p1, rtol=1e-4, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+  for s1, s8 in zip(jax.tree.leaves(state1.batch_stats),
+                    jax.tree.leaves(state8.batch_stats)):
+    np.testing.assert_allclose(s8, s1, rtol=1e-4, atol=1e-5)
+  initial = state_lib.create_train_state(
+      models.create(config.model),
+      optim.create(config.optim, lambda _: 0.0), jax.random.key(0),
+      IMAGE_SHAPE, one)
+  moved = [not np.allclose(a, b) for a, b in
+           zip(jax.tree.leaves(initial.batch_stats),
+               jax.tree.leaves(state8.batch_stats))]
+  assert all(moved)
