@@ -3,7 +3,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 WORKDIR ?= /tmp/contrastive
-METHOD ?= simclr
+METHOD ?= supcon
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 SIMULATED_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8

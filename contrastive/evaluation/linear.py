@@ -126,8 +126,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model, state,
                                                 "feature_dim")}
   logging.info("Linear eval: %s", result)
   if logger is not None:
-    logger.write(result["step"], {"linear_eval/top1": result["top1"],
-                                  "linear_eval/top5": result["top5"]})
+    # TensorBoard only: metrics.jsonl stays one row per training step.
+    logger.writer.write_scalars(result["step"], {
+        "linear_eval/top1": result["top1"], "linear_eval/top5": result["top5"]})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "linear_eval.json"), "w") as f:
       json.dump(result, f, indent=2)
