@@ -61,6 +61,11 @@ def make_mesh(axes: Sequence[tuple[str, int]] = ((DATA_AXIS, -1),),
                            axis_types=(AxisType.Auto,) * len(names))
 
 
+def local_mesh() -> jax.sharding.Mesh:
+  """A one-device mesh on this process, for small host-side computations."""
+  return make_mesh(devices=jax.local_devices()[:1])
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Leading (batch) axis over `data`, everything else replicated."""
   return NamedSharding(mesh, P(DATA_AXIS))

@@ -176,6 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         timer_step, timer_start = step, time.perf_counter()
       if step % config.checkpoint_every_steps == 0 and step != total_steps:
         checkpoint.save(manager, state)
+    # Stop the input pipeline's background threads before evaluating.
+    batches.close()
     checkpoint.save(manager, state, force=True)
     manager.wait_until_finished()
 
