@@ -64,8 +64,20 @@ def base_config() -> ml_collections.ConfigDict:
 
   # `use_labels` passes the class labels to the loss (SupCon); `kwargs` are
   # the loss's own options, e.g. variant / contrast_mode / base_temperature.
+  # `loss_impl` says how anchors meet the global batch, all with the same
+  # value and gradient: "gather" ([local, global] logits), "blockwise"
+  # (streamed column blocks; memory O(local * block + global * dim)) or
+  # "ring" (ppermute; memory independent of the global batch);
+  # `block_size` 0 picks the block from the local batch.
   config.loss = dict(name="simclr", temperature=0.1, use_labels=False,
+                     loss_impl="gather", block_size=0,
                      kwargs=ml_collections.ConfigDict())
+  # GradCache: > 0 embeds the global batch in this many chunks without
+  # keeping activations, takes the loss gradient w.r.t. the embeddings, then
+  # back-propagates chunk by chunk, so activation memory is that of one
+  # chunk. BatchNorm then normalises each chunk with its own statistics,
+  # still global over the devices (see contrastive/grad_cache.py). 0: off.
+  config.grad_cache_chunks = 0
 
   config.input = dict(
       dataset="imagenet2012",

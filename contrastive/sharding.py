@@ -107,6 +107,17 @@ def batch_axis_size() -> int:
   return mesh.shape[DATA_AXIS]
 
 
+def constrain_batch(x: jax.Array, axis: int = 0) -> jax.Array:
+  """Pins `axis` of `x` to the `data` axis of the ambient mesh (if any).
+
+  For arrays whose batch dimension was moved by a reshape (e.g. GradCache's
+  chunks), so that XLA keeps every device's rows where they are.
+  """
+  if batch_axis_size() == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*([None] * axis), DATA_AXIS))
+
+
 def map_batch_shards(kernel: Callable[..., Any], *args: Any) -> Any:
   """Runs `kernel(*local_args, axis_name=...)` on each device's batch shard.
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from contrastive import checkpoint
+from contrastive import grad_cache
 from contrastive import losses
 from contrastive import metric_logging
 from contrastive import models
@@ -36,25 +37,43 @@ from contrastive.evaluation import linear
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                model, tx: optax.GradientTransformation, loss_fn,
                loss_config: ml_collections.ConfigDict,
-               schedule: optax.Schedule):
-  """One optimisation step on the global batch; returns (state, metrics)."""
+               schedule: optax.Schedule, grad_cache_chunks: int = 0):
+  """One optimisation step on the global batch; returns (state, metrics).
+
+  `grad_cache_chunks` > 0 computes the same gradient with GradCache (see
+  `contrastive/grad_cache.py`): activation memory of one chunk.
+  """
   images = batch["image"]
-  num_images, num_views = images.shape[:2]
   labels = batch["label"] if loss_config.use_labels else None
 
-  def compute_loss(params):
+  def embed(params, batch_stats, chunk):
+    # Views are folded into the batch: BN sees every view of the chunk.
+    num_images, num_views = chunk.shape[:2]
     outputs, new_model_state = model.apply(
-        {"params": params, "batch_stats": state.batch_stats},
-        images.reshape(num_images * num_views, *images.shape[2:]),
+        {"params": params, "batch_stats": batch_stats},
+        chunk.reshape(num_images * num_views, *chunk.shape[2:]),
         train=True, mutable=["batch_stats"])
     z = outputs["embedding"].reshape(num_images, num_views, -1)
-    loss, loss_metrics = loss_fn(z, labels,
-                                 temperature=loss_config.temperature,
-                                 **loss_config.kwargs)
-    return loss, (loss_metrics, new_model_state["batch_stats"])
+    return z, new_model_state["batch_stats"]
 
-  (loss, (loss_metrics, batch_stats)), grads = jax.value_and_grad(
-      compute_loss, has_aux=True)(state.params)
+  def loss_of_embeddings(z):
+    return loss_fn(z, labels, temperature=loss_config.temperature,
+                   loss_impl=loss_config.get("loss_impl", "gather"),
+                   block_size=loss_config.get("block_size", 0) or None,
+                   **loss_config.kwargs)
+
+  if grad_cache_chunks:
+    (loss, loss_metrics), grads, batch_stats = grad_cache.loss_and_grads(
+        embed, loss_of_embeddings, state.params, state.batch_stats, images,
+        chunks=grad_cache_chunks)
+  else:
+    def compute_loss(params):
+      z, batch_stats = embed(params, state.batch_stats, images)
+      loss, loss_metrics = loss_of_embeddings(z)
+      return loss, (loss_metrics, batch_stats)
+
+    (loss, (loss_metrics, batch_stats)), grads = jax.value_and_grad(
+        compute_loss, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -129,7 +148,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batch_shardings = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                        loss_config=config.loss, schedule=schedule),
+                        loss_config=config.loss, schedule=schedule,
+                        grad_cache_chunks=config.grad_cache_chunks),
       in_shardings=(state_shardings, batch_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive import sharding
+from contrastive.losses import streaming
 
 VARIANTS = ("out", "in")
 CONTRAST_MODES = ("all", "one")
@@ -67,7 +68,7 @@ def _validate(z: jax.Array, labels: jax.Array | None, temperature,
 
 def _supcon_kernel(z: jax.Array, labels: jax.Array, *,
                    axis_name: str | None, temperature, variant: str,
-                   contrast_mode: str):
+                   contrast_mode: str, loss_impl: str, block_size):
   """Mean loss and metrics over the global batch, from this device's anchors.
 
   Args:
@@ -77,6 +78,8 @@ def _supcon_kernel(z: jax.Array, labels: jax.Array, *,
     temperature: softmax temperature.
     variant: "out" or "in".
     contrast_mode: "all" or "one".
+    loss_impl: "gather", "blockwise" or "ring" (see `streaming`).
+    block_size: columns per block of the streamed impls (None: automatic).
 
   Returns:
     (mean loss over valid anchors, unscaled by the base temperature; dict of
@@ -86,65 +89,42 @@ def _supcon_kernel(z: jax.Array, labels: jax.Array, *,
   # Logits, log-sum-exps and sums in float32 whatever the embedding dtype:
   # bf16 has too few mantissa bits for a softmax over thousands of columns.
   z = z.astype(jnp.float32)
-  if axis_name is None:
-    contrast_z, contrast_labels, offset = z, labels, 0
-  else:
-    contrast_z = jax.lax.all_gather(z, axis_name, tiled=True)
-    contrast_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
-    offset = jax.lax.axis_index(axis_name) * local_batch
-  num_contrast = contrast_z.shape[0] * views
-  contrast_z = contrast_z.reshape(num_contrast, dim)
-  contrast_labels = jnp.repeat(contrast_labels, views)
-
+  offset = 0 if axis_name is None else (
+      jax.lax.axis_index(axis_name) * local_batch)
+  view_ids = (offset * views + jnp.arange(local_batch * views)).astype(
+      jnp.int32)
+  columns = streaming.Columns(z.reshape(local_batch * views, dim),
+                              jnp.repeat(labels, views), view_ids)
+  # Dividing the anchors (not the logits) by the temperature keeps it a
+  # differentiable input however the logits are computed.
   if contrast_mode == "all":
-    anchor_z = z.reshape(local_batch * views, dim)
-    anchor_labels = jnp.repeat(labels, views)
-    anchor_index = offset * views + jnp.arange(local_batch * views)
+    anchors = streaming.Anchors(columns.z / temperature, columns.labels,
+                                view_ids)
   else:
-    anchor_z = z[:, 0]
-    anchor_labels = labels
-    anchor_index = (offset + jnp.arange(local_batch)) * views
+    anchors = streaming.Anchors(z[:, 0] / temperature, labels,
+                                view_ids[::views])
+  stats = streaming.anchor_stats(anchors, columns, axis_name=axis_name,
+                                 impl=loss_impl, block_size=block_size,
+                                 need_pos_lse=variant == "in")
 
-  # Full float32 precision (no TF32 / one-pass bf16): an error of 1e-3 in a
-  # cosine is 1e-2 in a logit at tau = 0.1, and this matmul is a negligible
-  # fraction of the step's FLOPs.
-  logits = jnp.matmul(anchor_z, contrast_z.T,
-                      precision=jax.lax.Precision.HIGHEST) / temperature
-  not_self = anchor_index[:, None] != jnp.arange(num_contrast)[None, :]
-  positive = (anchor_labels[:, None] == contrast_labels[None, :]) & not_self
-  num_positives = positive.sum(axis=1)
-  valid = num_positives > 0
-  # Anchors without positives are dropped from the mean below; giving them a
-  # stand-in (non-empty) positive set keeps their terms finite, so their
-  # zero cotangent cannot turn into 0 * inf = NaN in the backward pass.
-  safe_positive = jnp.where(valid[:, None], positive, not_self)
-  safe_num_positives = jnp.maximum(num_positives, 1).astype(jnp.float32)
-
-  log_denominator = jax.nn.logsumexp(
-      jnp.where(not_self, logits, -jnp.inf), axis=1)
+  valid = stats.num_pos > 0
+  # The maximum only guards anchors without positives, which are masked out.
+  num_pos = jnp.maximum(stats.num_pos, 1.0)
   if variant == "out":
-    mean_positive_logit = jnp.where(safe_positive, logits, 0.0).sum(
-        axis=1) / safe_num_positives
-    per_anchor = log_denominator - mean_positive_logit
+    per_anchor = stats.lse - stats.pos_sum / num_pos
   else:
-    log_mean_positive = jax.nn.logsumexp(
-        jnp.where(safe_positive, logits, -jnp.inf),
-        axis=1) - jnp.log(safe_num_positives)
-    per_anchor = log_denominator - log_mean_positive
+    per_anchor = stats.lse - stats.pos_lse + jnp.log(num_pos)
 
   # Metrics are monitoring only; no gradient should leak through them.
-  logits_ng = jax.lax.stop_gradient(logits)
-  top = jnp.argmax(jnp.where(not_self, logits_ng, -jnp.inf), axis=1)
-  top_is_positive = jnp.take_along_axis(positive, top[:, None], axis=1)[:, 0]
-  negative = not_self & ~positive
+  pos_sum = jax.lax.stop_gradient(stats.pos_sum)
   sums = {
       "loss": jnp.where(valid, per_anchor, 0.0).sum(),
       "valid": valid.sum().astype(jnp.float32),
-      "correct": (top_is_positive & valid).sum().astype(jnp.float32),
-      "pos_logit": jnp.where(positive, logits_ng, 0.0).sum(),
-      "num_pos": num_positives.sum().astype(jnp.float32),
-      "neg_logit": jnp.where(negative, logits_ng, 0.0).sum(),
-      "num_neg": negative.sum().astype(jnp.float32),
+      "correct": jnp.where(valid, stats.best_is_pos, 0.0).sum(),
+      "pos_logit": pos_sum.sum(),
+      "num_pos": stats.num_pos.sum(),
+      "neg_logit": (stats.logit_sum - pos_sum).sum(),
+      "num_neg": (stats.num_den - stats.num_pos).sum(),
   }
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
@@ -162,6 +142,7 @@ def _supcon_kernel(z: jax.Array, labels: jax.Array, *,
 def supcon_with_metrics(
     z: jax.Array, labels: jax.Array | None = None, *, temperature,
     base_temperature=None, variant: str = "out", contrast_mode: str = "all",
+    loss_impl: str = "gather", block_size: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SupCon loss and monitoring metrics.
 
@@ -178,6 +159,14 @@ def supcon_with_metrics(
     variant: "out" (L_out, Eq. 2; the paper's choice) or "in" (L_in, Eq. 3).
     contrast_mode: "all" (every view is an anchor) or "one" (only view 0 of
       each sample is; the contrast set is still every view).
+    loss_impl: how the global batch is met (same value and gradient):
+      "gather" materialises each device's [anchors, global views] logits;
+      "blockwise" streams them in column blocks (memory O(anchors * block +
+      global views * dim)); "ring" passes embeddings between devices with
+      ppermute (memory independent of the global batch). See
+      `contrastive/losses/streaming.py`.
+    block_size: columns per block for "blockwise" / "ring"; None or 0 picks
+      one from the number of anchors.
 
   Returns:
     (loss, metrics): the float32 scalar mean over anchors with at least one
@@ -186,14 +175,19 @@ def supcon_with_metrics(
     `pos_logit` and `neg_logit` (mean logit over positive / negative pairs).
 
   Raises:
-    ValueError: on a bad shape, temperature, variant or contrast_mode.
+    ValueError: on a bad shape, temperature, variant, contrast_mode or
+      loss_impl.
   """
   _validate(z, labels, temperature, base_temperature, variant, contrast_mode)
+  if loss_impl not in streaming.IMPLS:
+    raise ValueError(f"Unknown loss_impl {loss_impl!r}; use one of "
+                     f"{streaming.IMPLS}.")
   if labels is None:
     # Built on the global batch so that the ids stay unique once sharded.
     labels = jnp.arange(z.shape[0], dtype=jnp.int32)
   kernel = functools.partial(_supcon_kernel, temperature=temperature,
-                             variant=variant, contrast_mode=contrast_mode)
+                             variant=variant, contrast_mode=contrast_mode,
+                             loss_impl=loss_impl, block_size=block_size)
   loss, metrics = sharding.map_batch_shards(
       kernel, z, jnp.asarray(labels, jnp.int32))
   if base_temperature is not None:
@@ -203,7 +197,8 @@ def supcon_with_metrics(
 
 def supcon(z: jax.Array, labels: jax.Array | None = None, *, temperature,
            base_temperature=None, variant: str = "out",
-           contrast_mode: str = "all") -> jax.Array:
+           contrast_mode: str = "all", loss_impl: str = "gather",
+           block_size: int | None = None) -> jax.Array:
   """SupCon loss (Khosla et al. 2020); see `supcon_with_metrics`.
 
   Args:
@@ -213,13 +208,16 @@ def supcon(z: jax.Array, labels: jax.Array | None = None, *, temperature,
     base_temperature: rescales the loss by `temperature / base_temperature`.
     variant: "out" or "in".
     contrast_mode: "all" or "one".
+    loss_impl: "gather", "blockwise" or "ring".
+    block_size: columns per block of the streamed impls.
 
   Returns:
     float32 scalar loss.
   """
   return supcon_with_metrics(
       z, labels, temperature=temperature, base_temperature=base_temperature,
-      variant=variant, contrast_mode=contrast_mode)[0]
+      variant=variant, contrast_mode=contrast_mode, loss_impl=loss_impl,
+      block_size=block_size)[0]
 
 
 def _check_no_labels(labels) -> None:
@@ -231,6 +229,7 @@ def _check_no_labels(labels) -> None:
 
 def simclr_with_metrics(
     z: jax.Array, labels: None = None, *, temperature,
+    loss_impl: str = "gather", block_size: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """NT-Xent over all `batch * views` anchors, with metrics.
 
@@ -238,6 +237,8 @@ def simclr_with_metrics(
     z: float[batch, views, dim] L2-normalised embeddings.
     labels: must be None.
     temperature: softmax temperature tau > 0.
+    loss_impl: "gather", "blockwise" or "ring" (see `supcon_with_metrics`).
+    block_size: columns per block of the streamed impls.
 
   Returns:
     (loss, metrics) as in `supcon_with_metrics`.
@@ -246,20 +247,25 @@ def simclr_with_metrics(
     Chen et al. 2020, https://arxiv.org/abs/2002.05709, Eq. 1.
   """
   _check_no_labels(labels)
-  return supcon_with_metrics(z, None, temperature=temperature)
+  return supcon_with_metrics(z, None, temperature=temperature,
+                             loss_impl=loss_impl, block_size=block_size)
 
 
-def simclr(z: jax.Array, labels: None = None, *,
-           temperature) -> jax.Array:
+def simclr(z: jax.Array, labels: None = None, *, temperature,
+           loss_impl: str = "gather",
+           block_size: int | None = None) -> jax.Array:
   """NT-Xent (SimCLR): SupCon with every sample its own class.
 
   Args:
     z: float[batch, views, dim] L2-normalised embeddings.
     labels: must be None.
     temperature: softmax temperature tau > 0.
+    loss_impl: "gather", "blockwise" or "ring".
+    block_size: columns per block of the streamed impls.
 
   Returns:
     float32 scalar loss.
   """
   _check_no_labels(labels)
-  return supcon(z, None, temperature=temperature)
+  return supcon(z, None, temperature=temperature, loss_impl=loss_impl,
+                block_size=block_size)
