@@ -117,10 +117,12 @@ def test_unknown_impl_and_bad_block_size():
 
 
 def test_default_block_size():
-  assert streaming.default_block_size(512, 4096) == 256
-  assert streaming.default_block_size(4096, 32768) == 128  # the minimum
-  assert streaming.default_block_size(8, 32768) == 4096    # the maximum
-  assert streaming.default_block_size(8, 100) == 128       # covers m
+  assert streaming.default_block_size(512, 4096, 128) == 256
+  assert streaming.default_block_size(4096, 32768, 128) == 128  # the minimum
+  assert streaming.default_block_size(8, 32768, 128) == 4096    # the maximum
+  assert streaming.default_block_size(8, 100, 128) == 128       # covers m
+  # Wide embeddings: the tile may grow to the size of the embeddings.
+  assert streaming.default_block_size(4096, 32768, 1024) == 1024
 
 
 def _compiled(impl, views, devices=8, dim=128):

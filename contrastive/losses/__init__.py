@@ -9,6 +9,11 @@ over mesh axis `data`, over the global batch.
   from contrastive import losses
   loss = losses.get("supcon")(z, labels, temperature=0.1, variant="out")
   loss, metrics = losses.get_with_metrics("simclr")(z, temperature=0.5)
+
+Every loss also takes `loss_impl="gather" | "blockwise" | "ring"` and
+`block_size`: how the anchors meet the global batch, with the same value and
+gradient but per-device memory O(local * global), O(local * block + global *
+dim) or O(local * dim) (see `streaming.py`).
 """
 
 from collections.abc import Callable

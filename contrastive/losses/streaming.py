@@ -78,9 +78,16 @@ class Columns(NamedTuple):
   ids: jax.Array     # int32[m], global view index or -1 for padding
 
 
-def default_block_size(num_anchors: int, num_columns: int) -> int:
-  """A power of two with `num_anchors * block` near `_TILE_ELEMENTS`."""
-  target = max(_TILE_ELEMENTS // max(num_anchors, 1), 1)
+def default_block_size(num_anchors: int, num_columns: int, dim: int) -> int:
+  """Columns per block: a power of two in [128, 4096], at most the columns.
+
+  The [anchors, block] logits tile is kept near `_TILE_ELEMENTS` (cache
+  sized), or up to the size of the [anchors, dim] embeddings the device
+  holds anyway when those are larger (large `dim`), so streamed memory stays
+  a small multiple of O(anchors * dim) while each block's matmul
+  (2 * anchors * block * dim FLOPs) stays large.
+  """
+  target = max(_TILE_ELEMENTS // max(num_anchors, 1), dim, 1)
   block = 1 << (target.bit_length() - 1)
   block = min(max(block, _MIN_BLOCK), _MAX_BLOCK)
   return min(block, 1 << max(num_columns - 1, 0).bit_length())
@@ -368,8 +375,8 @@ def anchor_stats(anchors: Anchors, local_columns: Columns, *,
                      f"{block_size}.")
   num_devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
   if impl == "ring" and num_devices > 1:
-    block = block_size or default_block_size(anchors.z.shape[0],
-                                             local_columns.z.shape[0])
+    block = block_size or default_block_size(*anchors.z.shape[:1],
+                                             *local_columns.z.shape)
     return _ring_fn(block, need_pos_lse, axis_name, num_devices)(
         *anchors, *local_columns)
   columns = local_columns
@@ -378,6 +385,6 @@ def anchor_stats(anchors: Anchors, local_columns: Columns, *,
         lambda x: jax.lax.all_gather(x, axis_name, tiled=True), columns)
   if impl == "gather":
     return dense_stats(anchors, columns, need_pos_lse)
-  block = block_size or default_block_size(anchors.z.shape[0],
-                                           columns.z.shape[0])
+  block = block_size or default_block_size(*anchors.z.shape[:1],
+                                           *columns.z.shape)
   return _blockwise_fn(block, need_pos_lse)(*anchors, *columns)
