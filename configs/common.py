@@ -99,6 +99,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  # A workdir remembers the config it was started with (config.json).
+  # "auto": resume if the config matches it (keys that do not change the
+  # trained model, e.g. logging or the run's length, may differ) and refuse
+  # otherwise; "force": resume despite a different config.
+  config.resume = "auto"
+  # A non-finite loss or gradient: "raise" stops the run before anything
+  # non-finite is checkpointed; "skip" keeps the previous parameters and
+  # optimizer state for that step (counted in the `skipped_steps` metric).
+  config.nonfinite = "raise"
 
   config.linear_eval = dict(
       enabled=False,

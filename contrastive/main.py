@@ -33,13 +33,27 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _on_cloud_tpu_vm() -> bool:
+  """Whether JAX found TPU chips and libtpu on this host (checked on import)."""
+  # No public API exposes this; `jax.distributed.initialize()` relies on the
+  # same flag to read a GCE TPU VM's topology from the metadata server, where
+  # TPU_WORKER_HOSTNAMES is not set.
+  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+  return getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)
+
+
 def _initialize_distributed() -> None:
   if _COORDINATOR.value:
+    # CPU processes need a cross-process collectives backend (GPUs use NCCL
+    # and ignore this).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0:
-    # Multi-host TPU slice: JAX reads the topology from the TPU metadata.
+  elif (_on_cloud_tpu_vm() or
+        os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0):
+    # TPU VM (GCE or GKE), one host or a slice: JAX reads the topology from
+    # the TPU metadata. Required on multi-host slices, harmless on one host.
     jax.distributed.initialize()
 
 
@@ -68,6 +82,12 @@ def main(argv):
                jax.local_device_count(), jax.device_count())
   config = _CONFIG.value
   result = train.train_and_evaluate(config, _WORKDIR.value)
+  if result.get("preempted"):
+    # Exit 0: the scheduler restarts the same command, which resumes.
+    if jax.process_index() == 0:
+      print(f"Preempted: checkpointed step {result['step']} in "
+            f"{_WORKDIR.value}; run the same command again to resume.")
+    return
   if jax.process_index() == 0 and "linear_eval" in result:
     print(f"\nLinear evaluation on {result['linear_eval']['dataset']} "
           f"{result['linear_eval']['split']} "

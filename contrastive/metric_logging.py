@@ -12,6 +12,7 @@ import os
 from clu import metric_writers
 import jax
 import numpy as np
+import tensorflow as tf
 
 
 class MetricLogger:
@@ -21,15 +22,36 @@ class MetricLogger:
     self._is_writer = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not self._is_writer)
-    self._jsonl = (open(os.path.join(workdir, "metrics.jsonl"), "a")
-                   if self._is_writer else None)
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    # Buckets (gs://) cannot append: there the file is rewritten whole, from
+    # the rows it already had plus this run's.
+    self._remote = "://" in workdir
+    self._rows = []
+    if self._is_writer and self._remote and tf.io.gfile.exists(self._path):
+      with tf.io.gfile.GFile(self._path) as f:
+        self._rows = f.read().splitlines()
+    self._jsonl = (open(self._path, "a")
+                   if self._is_writer and not self._remote else None)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
     self.writer.write_scalars(step, scalars)
+    if not self._is_writer:
+      return
+    row = json.dumps({"step": step, **scalars})
     if self._jsonl is not None:
-      self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self._jsonl.write(row + "\n")
       self._jsonl.flush()
+    else:
+      self._rows.append(row)
+      # Through a fresh temporary object: a crash mid-write leaves the
+      # previous file whole.
+      temporary = self._path + ".tmp"
+      if tf.io.gfile.exists(temporary):
+        tf.io.gfile.remove(temporary)
+      with tf.io.gfile.GFile(temporary, "w") as f:
+        f.write("\n".join(self._rows) + "\n")
+      tf.io.gfile.rename(temporary, self._path, overwrite=True)
 
   def close(self) -> None:
     self.writer.flush()

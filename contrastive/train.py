@@ -10,7 +10,6 @@ through `shard_map` (see `contrastive/sharding.py`).
 
 import functools
 import math
-import os
 import time
 from typing import Any
 
@@ -19,15 +18,18 @@ from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from contrastive import checkpoint
+from contrastive import config_checks
 from contrastive import grad_cache
 from contrastive import losses
 from contrastive import metric_logging
 from contrastive import models
+from contrastive import nonfinite
 from contrastive import optim
+from contrastive import preemption
+from contrastive import run_dir
 from contrastive import sharding
 from contrastive import state as state_lib
 from contrastive.data import input_pipeline
@@ -108,15 +110,42 @@ def _device_prefetch(iterator, mesh, size: int = 2):
   yield from queue
 
 
+def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
+                       manager, model, tx, image_shape, mesh, abstract_state):
+  """The state to continue from: the newest good checkpoint, else a new one.
+
+  A workdir with checkpoints must have been started by the same config
+  (see `run_dir.check_config`).
+  """
+  run_dir.check_config(workdir, config,
+                       has_checkpoint=bool(manager.all_steps()))
+  state = checkpoint.restore_latest(manager, abstract_state)
+  if state is None:
+    state = state_lib.create_train_state(
+        model, tx, jax.random.key(config.seed), image_shape, mesh)
+  return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Pretrains (resuming from `workdir` if it holds a checkpoint), evaluates.
 
+  A run resumed after any interruption is bitwise the run that was never
+  interrupted: the state comes from the checkpoint, the batch of step s is a
+  pure function of (seed, s) (see `input_pipeline`), and the step itself uses
+  no other randomness. On SIGTERM the run checkpoints after the current step
+  and returns early with `result["preempted"] = True`.
+
   Returns the final training metrics and, if enabled, the linear-eval result.
   """
-  os.makedirs(workdir, exist_ok=True)
+  config_checks.validate(config)
+  run_dir.ensure_writable(workdir)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(config.input.batch_size, mesh)
+  if config.grad_cache_chunks:
+    grad_cache.check_chunks(config.input.batch_size,
+                            mesh.shape[sharding.DATA_AXIS],
+                            config.grad_cache_chunks)
 
   info = input_pipeline.dataset_info(config.input.dataset,
                                      config.input.data_dir)
@@ -138,44 +167,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
   abstract_state = state_lib.abstract_train_state(model, tx, image_shape, mesh)
-  state = checkpoint.restore_latest(manager, abstract_state)
-  if state is None:
-    state = state_lib.create_train_state(
-        model, tx, jax.random.key(config.seed), image_shape, mesh)
+  state = _restore_or_create(config, workdir, manager, model, tx, image_shape,
+                             mesh, abstract_state)
   start_step = int(jax.device_get(state.step))
 
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   batch_shardings = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  tally = jax.device_put(nonfinite.initial_tally(), replicated)
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                        loss_config=config.loss, schedule=schedule,
-                        grad_cache_chunks=config.grad_cache_chunks),
-      in_shardings=(state_shardings, batch_shardings),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+      nonfinite.guard(
+          functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                            loss_config=config.loss, schedule=schedule,
+                            grad_cache_chunks=config.grad_cache_chunks),
+          config.nonfinite),
+      in_shardings=(state_shardings, replicated, batch_shardings),
+      out_shardings=(state_shardings, replicated, replicated),
+      donate_argnums=(0, 1))
 
-  # Offsetting the seed by the start step keeps a resumed run from replaying
-  # the data order of its first steps.
+  # Batches are indexed by step, so a resumed run continues the same order.
   dataset = input_pipeline.pretrain_dataset(
-      config.input, seed=config.seed * 1_000_003 + start_step)
+      config.input, seed=config.seed, start_step=start_step)
   batches = _device_prefetch(dataset.as_numpy_iterator(), mesh)
+
+  def save(*, force=False):
+    # Never checkpoint a state that went through a non-finite step.
+    nonfinite.check(tally, config.nonfinite)
+    checkpoint.save(manager, state, force=force)
 
   logger = metric_logging.MetricLogger(workdir)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=logger.writer)
   images_per_step = config.input.batch_size
   last_metrics = {}
-  with jax.set_mesh(mesh):
+  preempted = False
+  with jax.set_mesh(mesh), preemption.Watcher() as watcher:
     timer_step, timer_start = start_step, time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = step_fn(state, next(batches))
+        state, tally, metrics = step_fn(state, tally, next(batches))
       report_progress(step)
       if step == start_step + 1:
         # Keep compilation out of the throughput figure.
         jax.block_until_ready(state)
         timer_step, timer_start = step, time.perf_counter()
       if step % config.log_every_steps == 0 or step == total_steps:
+        bad_steps = nonfinite.check(tally, config.nonfinite)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - timer_start
         rate = (images_per_step * (step - timer_step) / elapsed
@@ -183,26 +220,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         metrics.update(images_per_sec=rate,
                        images_per_sec_per_device=rate / mesh.size,
                        epoch=step / steps_per_epoch)
+        if config.nonfinite == "skip":
+          metrics["skipped_steps"] = bad_steps
         logger.write(step, metrics)
         last_metrics = metrics
         logging.info("step %d/%d: loss %.4f, acc %.3f, %.1f images/s", step,
                      total_steps, metrics["loss"],
                      metrics["contrastive_acc"], rate)
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(
-              f"Loss is {metrics['loss']} at step {step}; stopping before a "
-              "poisoned checkpoint is written. Lower the learning rate or "
-              "raise the temperature.")
         timer_step, timer_start = step, time.perf_counter()
+      if watcher.reached(step) and step != total_steps:
+        preempted = True
+        break
       if step % config.checkpoint_every_steps == 0 and step != total_steps:
-        checkpoint.save(manager, state)
+        save()
     # Stop the input pipeline's background threads before evaluating.
     batches.close()
-    checkpoint.save(manager, state, force=True)
+    save(force=True)
     manager.wait_until_finished()
 
-    result = {"train": last_metrics, "step": int(jax.device_get(state.step))}
-    if config.linear_eval.enabled:
+    final_step = int(jax.device_get(state.step))
+    result = {"train": last_metrics, "step": final_step,
+              "preempted": preempted}
+    if preempted:
+      logging.warning("Preempted: saved the checkpoint of step %d in %s; run "
+                      "the same command again to resume.", final_step,
+                      workdir)
+    elif config.linear_eval.enabled:
       result["linear_eval"] = linear.evaluate(
           config, workdir, model, state, mesh, logger)
   logger.close()

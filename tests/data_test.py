@@ -225,6 +225,39 @@ def test_pretrain_process_shards_partition_the_split(source, data_dir,
   assert set.union(*shards) == set(range(_NUM_TRAIN))
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_pretrain_starts_at_any_step_with_the_same_batches(
+    data_dir, monkeypatch, in_memory):
+  # Both the in-memory sampler and the streamed fallback must resume exactly.
+  if not in_memory:
+    monkeypatch.setattr(input_pipeline, "_fits_in_memory", lambda *_: False)
+  config = _input_config(data_dir)
+
+  def batches(start_step, count):
+    return _take(input_pipeline.pretrain_dataset(
+        config, seed=5, start_step=start_step, process_index=1,
+        process_count=2), count)
+
+  # 20 examples per shard, batch 4: step 7 is in the second epoch.
+  full = batches(0, 9)
+  for start_step in (1, 7):
+    for a, b in zip(full[start_step:], batches(start_step, 2)):
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_pretrain_epochs_are_different_permutations(source, data_dir):
+  lookup = _by_image(source[1]["train"][0])
+  config = _identity_augment(_input_config(data_dir, views=1))
+  batches = _take(input_pipeline.pretrain_dataset(
+      config, seed=0, process_index=0, process_count=1), 10)
+  order = [lookup[image.tobytes()] for batch in batches
+           for image in _to_uint8(batch["image"][:, 0, ..., 0])]
+  first, second = order[:_NUM_TRAIN], order[_NUM_TRAIN:]
+  assert sorted(first) == sorted(second) == list(range(_NUM_TRAIN))
+  assert first != second
+
+
 def test_pretrain_rejects_indivisible_batch(data_dir):
   with pytest.raises(ValueError, match="not divisible"):
     input_pipeline.pretrain_dataset(_input_config(data_dir, batch_size=10),

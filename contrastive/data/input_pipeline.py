@@ -1,10 +1,24 @@
 """tf.data pipelines over TFDS: augmented pretraining views, and eval.
 
 Each JAX process reads only its own slice of a split (`tfds.even_splits`), so
-a pod never reads an example twice per epoch. Randomness is seeded end to
-end: TFDS file order and the shuffle buffer take `seed`, and every view's
-augmentation is keyed by (seed, process, running example count), so a
-pipeline restarted with the same seed yields the same batches.
+a pod never reads an example twice per epoch.
+
+Pretraining batches are a pure function of (seed, step): a run restarted at
+step k sees exactly the batches an uninterrupted run saw from step k on. Each
+process numbers the examples it consumes (position p = step * b + i for a
+local batch of b); every view's augmentation is keyed by (seed, process, p,
+view) through stateless ops. Which example sits at position p depends on the
+dataset:
+
+* Decoded datasets that fit in memory (Fashion-MNIST, CIFAR): the shard is
+  held in memory and epoch e visits it in a stateless permutation keyed by
+  (seed, process, e) (`tf.random.experimental.index_shuffle`), so starting at
+  step k costs nothing.
+* Others (JPEG ImageNet): the stream of examples is the same deterministic
+  sequence on every run (seeded file order and shuffle buffer) and a resumed
+  run skips the first k * b encoded records before decoding. The order is the
+  same as long as the TFDS files and tf.data version are; the cost of
+  resuming is reading (not decoding) the skipped records.
 """
 
 import math
@@ -22,9 +36,10 @@ from contrastive.data import fashion_mnist
 # network, so it happens on first use instead of being a manual step.
 _LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,)
 
-# Decoded images up to this many bytes per process are cached in memory, so
-# later epochs skip reading and PNG decoding (Fashion-MNIST: 47 MB, CIFAR-10:
-# 150 MB). Encoded datasets (ImageNet) are never cached: too large.
+# Decoded images up to this many bytes per process are held in memory and
+# read by index (Fashion-MNIST: 47 MB, CIFAR-10: 150 MB): any step's batch is
+# then at hand without replaying earlier ones. Encoded datasets (ImageNet)
+# are streamed instead: too large.
 _CACHE_LIMIT_BYTES = 2 * 2**30
 
 
@@ -175,7 +190,54 @@ def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
       solarize_prob=augment_config.solarize_prob)
 
 
+def _cached_shard(builder: tfds.core.DatasetBuilder,
+                  shard) -> tuple[tf.Tensor, tf.Tensor]:
+  """This process's whole shard as (images, labels) tensors, in file order."""
+  dataset = _read(builder, shard, shuffle_files=False)
+  size = builder.info.splits[shard].num_examples
+  return dataset.batch(size).get_single_element()
+
+
+def _indexed_examples(images: tf.Tensor, labels: tf.Tensor, *,
+                      local_batch_size: int, start_step: int,
+                      seed: tf.Tensor) -> tf.data.Dataset:
+  """(position, (image, label)) from `start_step` on, epochs permuted by seed.
+
+  An epoch is the largest whole number of local batches in the shard; the
+  few examples left over differ from epoch to epoch.
+  """
+  shard_size = int(images.shape[0])
+  epoch_length = shard_size // local_batch_size * local_batch_size
+
+  def lookup(position):
+    epoch, offset = position // epoch_length, position % epoch_length
+    permutation_seed = tf.random.experimental.stateless_fold_in(seed, epoch)
+    index = tf.random.experimental.index_shuffle(
+        offset, permutation_seed, max_index=shard_size - 1)
+    return position, (tf.gather(images, index), tf.gather(labels, index))
+
+  positions = tf.data.Dataset.range(start_step * local_batch_size, 2**62)
+  return positions.map(lookup, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _streamed_examples(builder: tfds.core.DatasetBuilder, shard, *,
+                       shuffle_buffer: int, local_batch_size: int,
+                       start_step: int, seed: int) -> tf.data.Dataset:
+  """(position, (image, label)) replaying one seeded stream, skipping ahead.
+
+  For datasets too large to hold in memory: the same seed gives the same
+  sequence of records on every run, and the records before `start_step` are
+  read but not decoded or augmented.
+  """
+  dataset = _read(builder, shard, shuffle_files=True, seed=seed)
+  dataset = dataset.shuffle(shuffle_buffer, seed=seed,
+                            reshuffle_each_iteration=True)
+  dataset = dataset.repeat().enumerate()
+  return dataset.skip(start_step * local_batch_size)
+
+
 def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
+                     start_step: int = 0,
                      process_index: int | None = None,
                      process_count: int | None = None) -> tf.data.Dataset:
   """Infinite batches of augmented views of this process's shard of the split.
@@ -184,7 +246,9 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
     input_config: `config.input`: dataset, data_dir, train_split, batch_size
       (global, in images), views, image_size, shuffle_buffer and augment
       (see `configs/common.py`).
-    seed: seeds file order, shuffling and augmentation.
+    seed: seeds the example order and augmentation.
+    start_step: the first batch yielded is the one of this (0-based) step;
+      batches are a pure function of (seed, step), see the module docstring.
     process_index: this process; default `jax.process_index()`.
     process_count: number of processes; default `jax.process_count()`.
 
@@ -199,6 +263,8 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
   num_views = input_config.views
   if num_views < 1:
     raise ValueError(f"input.views must be >= 1, got {num_views}.")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
   builder = _prepared_builder(input_config.dataset, input_config.data_dir)
   info = builder.info
   _check_split(info, input_config.train_split)
@@ -213,20 +279,25 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
 
   encoded = _is_jpeg(info)
   image_shape = info.features["image"].shape
-  dataset = _read(builder, shard, shuffle_files=True, seed=seed)
+  # Mixing in the process index keeps processes from sharing crops or orders.
+  stream_seed = tf.constant([seed, process_index], tf.int64)
   if not encoded and _fits_in_memory(image_shape, shard_size):
-    dataset = dataset.cache()
-  dataset = dataset.shuffle(input_config.shuffle_buffer, seed=seed,
-                            reshuffle_each_iteration=True)
-  dataset = dataset.repeat().enumerate()
+    images, labels = _cached_shard(builder, shard)
+    dataset = _indexed_examples(images, labels,
+                                local_batch_size=local_batch_size,
+                                start_step=start_step, seed=stream_seed)
+  else:
+    dataset = _streamed_examples(builder, shard,
+                                 shuffle_buffer=input_config.shuffle_buffer,
+                                 local_batch_size=local_batch_size,
+                                 start_step=start_step, seed=seed)
 
   view_kwargs = _view_kwargs(input_config.augment)
-  # Mixing in the process index keeps processes from sharing crops.
-  stream_seed = tf.constant([seed, process_index], tf.int64)
 
-  def make_views(index, example):
+  def make_views(position, example):
     image, label = example
-    example_seed = tf.random.experimental.stateless_fold_in(stream_seed, index)
+    example_seed = tf.random.experimental.stateless_fold_in(stream_seed,
+                                                            position)
     view_seeds = tf.random.experimental.stateless_split(example_seed,
                                                         num=num_views)
     views = [

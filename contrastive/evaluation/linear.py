@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow as tf
 
 from contrastive import sharding
 from contrastive.data import input_pipeline
@@ -139,6 +140,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model, state,
     logger.writer.write_scalars(result["step"], {
         "linear_eval/top1": result["top1"], "linear_eval/top5": result["top5"]})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "linear_eval.json"), "w") as f:
+    path = os.path.join(workdir, "linear_eval.json")
+    with tf.io.gfile.GFile(path, "w") as f:  # Local or gs://.
       json.dump(result, f, indent=2)
   return result
