@@ -8,6 +8,7 @@ This file is intentionally short; the logic is in `train.py`.
 
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -71,6 +72,21 @@ def _result_table(result) -> str:
   return "\n".join(lines)
 
 
+def _parse_flags(argv):
+  """absl's parser, with a mistyped `--config.x` reported in one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for a key the locked config lacks, with
+    # a "Did you mean" hint in the message.
+    detail = " ".join(str(e.args[0] if e.args else e).replace(
+        "\\n", " ").replace("\\'", "").strip("'\"").split())
+    key, _, hint = detail.partition(" ")
+    sys.exit(f"FATAL Config override error: unknown config key '{key}'. "
+             f"{hint + ' ' if hint else ''}Every key is listed in "
+             "configs/common.py.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -98,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -63,7 +63,10 @@ def _main(*args):
 def test_unknown_config_key(tmp_path):
   proc = _main(f"--workdir={tmp_path}", "--config.optim.lrr=0.1")
   assert proc.returncode != 0
-  assert "lrr" in proc.stderr.splitlines()[-1] or "lrr" in proc.stderr
+  last_line = proc.stderr.strip().splitlines()[-1]
+  assert last_line.startswith(
+      "FATAL Config override error: unknown config key 'lrr'.")
+  assert 'Did you mean "lr"' in last_line
 
 
 def test_wrong_config_type(tmp_path):
