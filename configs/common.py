@@ -117,5 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=1024,
       steps=500,
       l2=1e-4,
-      raw_pixel_baseline=False)
+      raw_pixel_baseline=False,
+      # Weighted kNN on the same frozen features (InstDisc / solo-learn
+      # protocol): one result per k; () turns it off.
+      knn_k=(20, 200),
+      knn_temperature=0.07)
   return config

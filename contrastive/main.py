@@ -59,16 +59,24 @@ def _initialize_distributed() -> None:
 
 
 def _result_table(result) -> str:
-  lines = ["| representation | top-1 | top-5 |", "|---|---|---|"]
   evaluation = result["linear_eval"]
+  knn_keys = sorted((k for k in evaluation if k.startswith("knn")),
+                    key=lambda k: int(k[3:].split("_")[0]))
+  header = "| representation | linear top-1 | linear top-5 |" + "".join(
+      f" kNN top-1 (k={k[3:].split('_')[0]}) |" for k in knn_keys)
+  lines = [header, "|---" * (3 + len(knn_keys)) + "|"]
+
+  def row(name, scores):
+    cells = [f"{100 * scores['top1']:.2f}", f"{100 * scores['top5']:.2f}"]
+    cells += [f"{100 * scores[k]:.2f}" if k in scores else "-"
+              for k in knn_keys]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
   if "raw_pixels" in evaluation:
     raw = evaluation["raw_pixels"]
-    lines.append(f"| raw pixels ({raw['feature_dim']}-d), logistic regression "
-                 f"| {100 * raw['top1']:.2f} | {100 * raw['top5']:.2f} |")
-  lines.append(f"| frozen encoder ({evaluation['feature_dim']}-d) after "
-               f"{result['step']} steps, logistic regression "
-               f"| {100 * evaluation['top1']:.2f} "
-               f"| {100 * evaluation['top5']:.2f} |")
+    lines.append(row(f"raw pixels ({raw['feature_dim']}-d)", raw))
+  lines.append(row(f"frozen encoder ({evaluation['feature_dim']}-d) after "
+                   f"{result['step']} steps", evaluation))
   return "\n".join(lines)
 
 

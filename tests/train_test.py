@@ -98,5 +98,7 @@ def test_command_line_run_prints_result_table(fake_data, tmp_path):
       env={fashion_mnist.ENV_VAR: fake_data,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "| raw pixels (784-d), logistic regression |" in proc.stdout
-  assert "| frozen encoder (64-d) after 2 steps" in proc.stdout
+  assert ("| representation | linear top-1 | linear top-5 | kNN top-1 (k=20) |"
+          in proc.stdout)
+  assert "| raw pixels (784-d) |" in proc.stdout
+  assert "| frozen encoder (64-d) after 2 steps |" in proc.stdout

@@ -23,6 +23,7 @@ import optax
 import tensorflow as tf
 
 from contrastive import sharding
+from contrastive.evaluation import knn
 from contrastive.data import input_pipeline
 
 
@@ -110,7 +111,16 @@ def probe(config, dataset: str, mesh, embed_fn=None) -> dict[str, Any]:
     result = topk_accuracy(params, test_x, test_y)
     result["train_top1"] = topk_accuracy(params, train_x, train_y,
                                          ks=(1,))["top1"]
-  logging.info("Fitted the linear probe on %s features in %.1f s.",
+    for k in eval_config.get("knn_k", ()):
+      if k > len(train_x):
+        logging.warning("Skipping kNN with k=%d: only %d training samples.",
+                        k, len(train_x))
+        continue
+      scores = knn.classify(train_x, train_y, test_x, test_y,
+                            num_classes=num_classes, k=k,
+                            temperature=eval_config.knn_temperature)
+      result[f"knn{k}_top1"] = scores["top1"]
+  logging.info("Fitted the linear probe (and kNN) on %s features in %.1f s.",
                train_x.shape, time.perf_counter() - start)
   result.update(num_train=int(train_x.shape[0]),
                 num_test=int(test_x.shape[0]),
@@ -132,8 +142,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model, state,
                 step=int(jax.device_get(state.step)))
   if config.linear_eval.raw_pixel_baseline:
     raw = probe(config, dataset, mesh, embed_fn=None)
-    result["raw_pixels"] = {k: raw[k] for k in ("top1", "top5",
-                                                "feature_dim")}
+    result["raw_pixels"] = {k: v for k, v in raw.items()
+                            if k in ("top1", "top5", "feature_dim")
+                            or k.startswith("knn")}
   logging.info("Linear eval: %s", result)
   if logger is not None:
     # TensorBoard only: metrics.jsonl stays one row per training step.
