@@ -31,7 +31,7 @@ def _check_positive(name: str, value) -> None:
 def _check_loss(loss_config: ml_collections.ConfigDict) -> None:
   _check_choice("loss.name", loss_config.name, tuple(losses.names()))
   _check_positive("loss.temperature", loss_config.temperature)
-  _check_choice("loss.loss_impl", loss_config.get("loss_impl", "gather"),
+  _check_choice("loss.loss_impl", loss_config.loss_impl,
                 tuple(streaming.IMPLS))
   kwargs = dict(loss_config.kwargs)
   accepted = inspect.signature(losses.get(loss_config.name)).parameters

@@ -27,7 +27,7 @@ one chunk the step is exactly the plain step.
 
 Randomness. The encoders here are deterministic given their input, so both
 passes see the same function; an encoder with stochastic layers would need
-its key folded with the chunk index (`xs` below carries it) in both passes.
+its key folded with the chunk index in both passes.
 """
 
 from collections.abc import Callable

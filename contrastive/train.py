@@ -60,8 +60,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
 
   def loss_of_embeddings(z):
     return loss_fn(z, labels, temperature=loss_config.temperature,
-                   loss_impl=loss_config.get("loss_impl", "gather"),
-                   block_size=loss_config.get("block_size", 0) or None,
+                   loss_impl=loss_config.loss_impl,
+                   block_size=loss_config.block_size or None,
                    **loss_config.kwargs)
 
   if grad_cache_chunks:

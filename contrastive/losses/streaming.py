@@ -227,33 +227,48 @@ def _stream_backward(anchors: Anchors, columns: Columns, stats: Stats,
   return d_anchor_z, d_column_z
 
 
-@functools.lru_cache(maxsize=None)
-def _blockwise_fn(block: int, need_pos_lse: bool):
-  """stats(anchor_z, anchor_labels, anchor_ids, col_z, col_labels, col_ids)."""
+def _custom_stats(compute, gradient):
+  """`stats(anchor_z, anchor_labels, anchor_ids, col_z, col_labels, col_ids)`.
+
+  `compute(anchors, columns) -> Stats` runs forward; `gradient(anchors,
+  columns, stats, cotangent) -> (d anchor z, d column z)` replaces autodiff,
+  recomputing blocks instead of storing them. Labels and ids get no
+  gradient.
+  """
 
   @jax.custom_vjp
   def stats_fn(anchor_z, anchor_labels, anchor_ids, column_z, column_labels,
                column_ids):
-    return _finalize(_stream(
-        Anchors(anchor_z, anchor_labels, anchor_ids),
-        Columns(column_z, column_labels, column_ids), block, need_pos_lse),
-                     need_pos_lse)
+    return compute(Anchors(anchor_z, anchor_labels, anchor_ids),
+                   Columns(column_z, column_labels, column_ids))
 
   def forward(*args):
     stats = stats_fn(*args)
     return stats, (args, stats)
 
   def backward(residuals, cotangent):
-    (anchor_z, anchor_labels, anchor_ids, column_z, column_labels,
-     column_ids), stats = residuals
-    d_anchor_z, d_column_z = _stream_backward(
-        Anchors(anchor_z, anchor_labels, anchor_ids),
-        Columns(column_z, column_labels, column_ids), stats, cotangent,
-        block, need_pos_lse, jnp.zeros_like(anchor_z))
+    args, stats = residuals
+    d_anchor_z, d_column_z = gradient(Anchors(*args[:3]), Columns(*args[3:]),
+                                      stats, cotangent)
     return d_anchor_z, None, None, d_column_z, None, None
 
   stats_fn.defvjp(forward, backward)
   return stats_fn
+
+
+@functools.lru_cache(maxsize=None)
+def _blockwise_fn(block: int, need_pos_lse: bool):
+  """Stats against columns that are all present (e.g. all-gathered)."""
+
+  def compute(anchors, columns):
+    return _finalize(_stream(anchors, columns, block, need_pos_lse),
+                     need_pos_lse)
+
+  def gradient(anchors, columns, stats, cotangent):
+    return _stream_backward(anchors, columns, stats, cotangent, block,
+                            need_pos_lse, jnp.zeros_like(anchors.z))
+
+  return _custom_stats(compute, gradient)
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,11 +283,7 @@ def _ring_fn(block: int, need_pos_lse: bool, axis_name: str,
   def send(tree):
     return jax.lax.ppermute(tree, axis_name, permutation)
 
-  @jax.custom_vjp
-  def stats_fn(anchor_z, anchor_labels, anchor_ids, column_z, column_labels,
-               column_ids):
-    anchors = Anchors(anchor_z, anchor_labels, anchor_ids)
-    columns = Columns(column_z, column_labels, column_ids)
+  def compute(anchors, columns):
     stats = _stream(anchors, columns, block, need_pos_lse)
 
     def hop(carry, _):
@@ -285,18 +296,10 @@ def _ring_fn(block: int, need_pos_lse: bool, axis_name: str,
                                  length=num_devices - 1, unroll=unroll)
     return _finalize(stats, need_pos_lse)
 
-  def forward(*args):
-    stats = stats_fn(*args)
-    return stats, (args, stats)
-
-  def backward(residuals, cotangent):
-    (anchor_z, anchor_labels, anchor_ids, column_z, column_labels,
-     column_ids), stats = residuals
-    anchors = Anchors(anchor_z, anchor_labels, anchor_ids)
-    columns = Columns(column_z, column_labels, column_ids)
+  def gradient(anchors, columns, stats, cotangent):
     d_anchor, d_columns = _stream_backward(
         anchors, columns, stats, cotangent, block, need_pos_lse,
-        jnp.zeros_like(anchor_z))
+        jnp.zeros_like(anchors.z))
 
     def hop(carry, _):
       columns, d_columns, d_anchor = carry
@@ -310,10 +313,9 @@ def _ring_fn(block: int, need_pos_lse: bool, axis_name: str,
         unroll=unroll)
     # One last hop brings every column gradient back to its owner.
     d_columns = send(d_columns) if num_devices > 1 else d_columns
-    return d_anchor, None, None, d_columns, None, None
+    return d_anchor, d_columns
 
-  stats_fn.defvjp(forward, backward)
-  return stats_fn
+  return _custom_stats(compute, gradient)
 
 
 def dense_stats(anchors: Anchors, columns: Columns,
