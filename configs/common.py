@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   """SimCLR ResNet-50 on ImageNet, 100 epochs: the root of every config."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # "contrastive" (contrastive/train.py) or "supervised": cross-entropy on
+  # the encoder plus a linear classifier (contrastive/supervised.py), from
+  # scratch (the CE baseline) or from `supervised.init_from` (fine-tuning).
+  config.trainer = "contrastive"
   # [(axis name, size)]; -1 takes the remaining devices.
   config.mesh = [("data", -1)]
 
@@ -121,5 +125,40 @@ def base_config() -> ml_collections.ConfigDict:
       # Weighted kNN on the same frozen features (InstDisc / solo-learn
       # protocol): one result per k; () turns it off.
       knn_k=(20, 200),
-      knn_temperature=0.07)
+      knn_temperature=0.07,
+      # "lbfgs": the minimal probe above (full-batch L-BFGS on standardised,
+      # cached features). The papers' protocols train a linear classifier
+      # on the frozen encoder (BN in inference mode) with SGD: "simclr"
+      # (Nesterov, batch 4096, lr 0.1 x B/256, no weight decay, 90 epochs,
+      # crop + flip), "supcon" (the TF scripts' RMSProp variant), "moco"
+      # (lr 30). Unset keys below take the protocol's own value.
+      protocol="lbfgs",
+      epochs=config_dict.placeholder(float),
+      learning_rate=config_dict.placeholder(float),
+      train_batch_size=config_dict.placeholder(int),
+      # Augmented inputs pass through the encoder every step; without
+      # augmentation, features are extracted once and cached.
+      augment=config_dict.placeholder(bool))
+
+  # Evaluation while pretraining, written to metrics.jsonl and TensorBoard:
+  # a linear classifier on stop-gradient features trained alongside the
+  # encoder (SimCLR v2, solo-learn), reported on the batch each log step;
+  # every `every_steps` (0: never) it and a kNN classifier (train split
+  # features, `linear_eval.knn_temperature`) are scored on the test split
+  # of `linear_eval` (dataset, splits).
+  config.online_eval = dict(
+      probe=True,
+      probe_learning_rate=0.1,
+      every_steps=0,
+      knn_k=20,
+      # Fewer training examples make the periodic kNN cheaper.
+      knn_train_split=config_dict.placeholder(str),  # Default: linear_eval's.
+  )
+
+  # The "supervised" trainer's own keys (it reads input, model, optim too).
+  config.supervised = dict(
+      # A pretraining workdir (or gs:// path) whose latest checkpoint
+      # initialises the encoder; unset trains from scratch.
+      init_from=config_dict.placeholder(str),
+      label_smoothing=0.0)
   return config

@@ -21,7 +21,9 @@ CONFIG_FILE = "config.json"
 
 IGNORED_KEYS = ("log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "total_steps", "total_epochs",
-                "linear_eval", "input.data_dir", "resume", "nonfinite")
+                "linear_eval", "online_eval.every_steps", "online_eval.knn_k",
+                "online_eval.knn_train_split", "input.data_dir", "resume",
+                "nonfinite")
 
 
 class ConfigMismatchError(ValueError):

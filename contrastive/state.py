@@ -16,6 +16,10 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  # The online linear probe on stop-gradient features ({} when off): its
+  # own parameters and optimizer, so it never moves the encoder.
+  probe_params: Any = flax.struct.field(default_factory=dict)
+  probe_opt_state: Any = flax.struct.field(default_factory=dict)
 
 
 def _init_fn(model, tx: optax.GradientTransformation,
