@@ -64,6 +64,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{name} must be an integer >= 1, got "
                        f"{value!r}.")
-  if config.total_steps is not None and config.total_steps < 1:
-    raise ValueError(f"config.total_steps must be >= 1 (or unset to use "
+  # 0 steps evaluates the initialisation (the random-encoder baseline).
+  if config.total_steps is not None and config.total_steps < 0:
+    raise ValueError(f"config.total_steps must be >= 0 (or unset to use "
                      f"total_epochs), got {config.total_steps}.")
+  if config.online_eval.every_steps < 0:
+    raise ValueError("config.online_eval.every_steps must be >= 0 (0: no "
+                     f"periodic evaluation), got "
+                     f"{config.online_eval.every_steps}.")
+  if config.online_eval.probe:
+    _check_positive("online_eval.probe_learning_rate",
+                    config.online_eval.probe_learning_rate)

@@ -72,16 +72,19 @@ def loss_and_grads(
   """GradCache version of `value_and_grad(loss(embed(params, images)))`.
 
   Args:
-    embed: `(params, batch_stats, images[b, ...]) -> (z[b, ...], new
-      batch_stats)` in training mode.
-    loss_of_embeddings: `z[B, ...] -> (loss, aux)` over the global batch.
+    embed: `(params, batch_stats, images[b, ...]) -> (outputs, new
+      batch_stats)` in training mode; `outputs` is an array `z[b, ...]` or a
+      pytree of them (e.g. embeddings and pooled features), batch first.
+    loss_of_embeddings: `outputs[B, ...] -> (loss, aux)` over the global
+      batch; outputs it does not use get a zero gradient.
     params: encoder parameters (differentiated).
     batch_stats: BatchNorm running statistics before the step.
     images: [B, ...] global batch, sharded on B over the mesh's `data` axis.
     chunks: number of chunks; must divide the per-device batch.
 
   Returns:
-    ((loss, aux), parameter gradients, batch_stats after all chunks).
+    ((loss, aux), parameter gradients, batch_stats after all chunks). `aux`
+    may hold the (gradient-stopped) outputs for uses outside the loss.
   """
   devices = sharding.batch_axis_size()
   check_chunks(images.shape[0], devices, chunks)
@@ -104,19 +107,22 @@ def loss_and_grads(
                            sharding.constrain_batch(chunk))
     previous = jax.lax.stop_gradient(z)
     z_chunks.append(previous)
-  z = sharding.constrain_batch(_merge(jnp.stack(z_chunks), devices))
+  z = jax.tree.map(
+      lambda *parts: sharding.constrain_batch(
+          _merge(jnp.stack(parts), devices)), *z_chunks)
   (loss, aux), d_z = jax.value_and_grad(loss_of_embeddings, has_aux=True)(z)
-  d_z_chunks = _split(d_z, devices, chunks)
+  d_z_chunks = jax.tree.map(lambda d: _split(d, devices, chunks), d_z)
 
   grads = jax.tree.map(jnp.zeros_like, params)
   for c in range(chunks):
     # Each re-run waits for the loss gradient and the previous chunk.
     grads, chunk, chunk_params, d_z_chunk = jax.lax.optimization_barrier(
-        (grads, chunked[c], params, d_z_chunks[c]))
+        (grads, chunked[c], params,
+         jax.tree.map(lambda d, c=c: d[c], d_z_chunks)))
     _, vjp = jax.vjp(
         lambda p, chunk=chunk: embed(
             p, batch_stats_in, sharding.constrain_batch(chunk))[0],
         chunk_params)
-    (chunk_grads,) = vjp(sharding.constrain_batch(d_z_chunk))
+    (chunk_grads,) = vjp(jax.tree.map(sharding.constrain_batch, d_z_chunk))
     grads = jax.tree.map(jnp.add, grads, chunk_grads)
   return (loss, aux), grads, batch_stats

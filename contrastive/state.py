@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from contrastive import sharding
+from contrastive.evaluation import online
 
 
 @flax.struct.dataclass
@@ -23,37 +24,47 @@ class TrainState:
 
 
 def _init_fn(model, tx: optax.GradientTransformation,
-             image_shape: tuple[int, ...]):
+             image_shape: tuple[int, ...], probe_tx, num_classes):
   def init(rng):
-    variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32),
-                           train=False)
+    images = jnp.zeros((2, *image_shape), jnp.float32)
+    variables = model.init(rng, images, train=False)
     params = variables["params"]
+    probe_params = probe_opt_state = {}
+    if probe_tx is not None:
+      features = model.apply(variables, images, method=model.features)
+      probe_params = online.probe_init(features.shape[-1], num_classes)
+      probe_opt_state = probe_tx.init(probe_params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), probe_params=probe_params,
+                      probe_opt_state=probe_opt_state)
   return init
 
 
 def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: tuple[int, ...],
-                       mesh: jax.sharding.Mesh) -> TrainState:
+                       image_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+                       probe_tx: optax.GradientTransformation | None = None,
+                       num_classes: int = 0) -> TrainState:
   """Initialises the state directly into its (replicated) sharding.
 
   `image_shape` is `(H, W, C)`. The init is jitted with output shardings so
-  nothing is materialised off its final devices.
+  nothing is materialised off its final devices. With `probe_tx`, the state
+  carries an online linear probe over `num_classes`.
   """
-  init = _init_fn(model, tx, image_shape)
+  init = _init_fn(model, tx, image_shape, probe_tx, num_classes)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh),
                            jax.eval_shape(init, rng))
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def abstract_train_state(model, tx: optax.GradientTransformation,
-                         image_shape: tuple[int, ...],
-                         mesh: jax.sharding.Mesh) -> TrainState:
+                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+                         probe_tx: optax.GradientTransformation | None = None,
+                         num_classes: int = 0) -> TrainState:
   """`ShapeDtypeStruct`s with shardings: the restore target for checkpoints."""
-  abstract = jax.eval_shape(_init_fn(model, tx, image_shape),
-                            jax.random.key(0))
+  abstract = jax.eval_shape(
+      _init_fn(model, tx, image_shape, probe_tx, num_classes),
+      jax.random.key(0))
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=sharding.replicated(mesh)),

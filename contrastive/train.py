@@ -34,16 +34,21 @@ from contrastive import sharding
 from contrastive import state as state_lib
 from contrastive.data import input_pipeline
 from contrastive.evaluation import linear
+from contrastive.evaluation import online
 
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                model, tx: optax.GradientTransformation, loss_fn,
                loss_config: ml_collections.ConfigDict,
-               schedule: optax.Schedule, grad_cache_chunks: int = 0):
+               schedule: optax.Schedule, grad_cache_chunks: int = 0,
+               probe_tx: optax.GradientTransformation | None = None):
   """One optimisation step on the global batch; returns (state, metrics).
 
   `grad_cache_chunks` > 0 computes the same gradient with GradCache (see
-  `contrastive/grad_cache.py`): activation memory of one chunk.
+  `contrastive/grad_cache.py`): activation memory of one chunk. With
+  `probe_tx`, the online linear probe in `state.probe_params` also takes a
+  step on the gradient-stopped features of every view
+  (`contrastive/evaluation/online.py`).
   """
   images = batch["image"]
   labels = batch["label"] if loss_config.use_labels else None
@@ -55,27 +60,30 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
         {"params": params, "batch_stats": batch_stats},
         chunk.reshape(num_images * num_views, *chunk.shape[2:]),
         train=True, mutable=["batch_stats"])
-    z = outputs["embedding"].reshape(num_images, num_views, -1)
-    return z, new_model_state["batch_stats"]
+    outputs = jax.tree.map(
+        lambda x: x.reshape(num_images, num_views, *x.shape[1:]), outputs)
+    return outputs, new_model_state["batch_stats"]
 
-  def loss_of_embeddings(z):
-    return loss_fn(z, labels, temperature=loss_config.temperature,
-                   loss_impl=loss_config.loss_impl,
-                   block_size=loss_config.block_size or None,
-                   **loss_config.kwargs)
+  def loss_of_embeddings(outputs):
+    loss, loss_metrics = loss_fn(
+        outputs["embedding"], labels, temperature=loss_config.temperature,
+        loss_impl=loss_config.loss_impl,
+        block_size=loss_config.block_size or None, **loss_config.kwargs)
+    return loss, (loss_metrics, jax.lax.stop_gradient(outputs["features"]))
 
   if grad_cache_chunks:
-    (loss, loss_metrics), grads, batch_stats = grad_cache.loss_and_grads(
-        embed, loss_of_embeddings, state.params, state.batch_stats, images,
-        chunks=grad_cache_chunks)
+    (loss, (loss_metrics, features)), grads, batch_stats = (
+        grad_cache.loss_and_grads(
+            embed, loss_of_embeddings, state.params, state.batch_stats,
+            images, chunks=grad_cache_chunks))
   else:
     def compute_loss(params):
-      z, batch_stats = embed(params, state.batch_stats, images)
-      loss, loss_metrics = loss_of_embeddings(z)
-      return loss, (loss_metrics, batch_stats)
+      outputs, batch_stats = embed(params, state.batch_stats, images)
+      loss, aux = loss_of_embeddings(outputs)
+      return loss, (aux, batch_stats)
 
-    (loss, (loss_metrics, batch_stats)), grads = jax.value_and_grad(
-        compute_loss, has_aux=True)(state.params)
+    (loss, ((loss_metrics, features), batch_stats)), grads = (
+        jax.value_and_grad(compute_loss, has_aux=True)(state.params))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -85,8 +93,18 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
       "param_norm": optax.global_norm(params),
       **loss_metrics,
   }
+  probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
+  if probe_tx is not None:
+    num_images, num_views = features.shape[:2]
+    probe_params, probe_opt_state, probe_metrics = online.probe_step(
+        probe_params, probe_opt_state,
+        features.reshape(num_images * num_views, -1),
+        jnp.repeat(batch["label"], num_views), probe_tx)
+    metrics.update(probe_metrics)
   new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=batch_stats, opt_state=opt_state)
+                            batch_stats=batch_stats, opt_state=opt_state,
+                            probe_params=probe_params,
+                            probe_opt_state=probe_opt_state)
   return new_state, metrics
 
 
@@ -94,8 +112,8 @@ def steps_for(config: ml_collections.ConfigDict,
               num_train_examples: int) -> tuple[int, int, int]:
   """(total_steps, warmup_steps, steps_per_epoch) from epochs or steps."""
   steps_per_epoch = max(num_train_examples // config.input.batch_size, 1)
-  total = config.total_steps or math.ceil(
-      config.total_epochs * steps_per_epoch)
+  total = (config.total_steps if config.total_steps is not None
+           else math.ceil(config.total_epochs * steps_per_epoch))
   warmup = math.ceil(config.optim.warmup_epochs * steps_per_epoch)
   return total, warmup, steps_per_epoch
 
@@ -111,7 +129,8 @@ def _device_prefetch(iterator, mesh, size: int = 2):
 
 
 def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
-                       manager, model, tx, image_shape, mesh, abstract_state):
+                       manager, model, tx, image_shape, mesh, abstract_state,
+                       probe_tx, num_classes):
   """The state to continue from: the newest good checkpoint, else a new one.
 
   A workdir with checkpoints must have been started by the same config
@@ -122,7 +141,8 @@ def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
   state = checkpoint.restore_latest(manager, abstract_state)
   if state is None:
     state = state_lib.create_train_state(
-        model, tx, jax.random.key(config.seed), image_shape, mesh)
+        model, tx, jax.random.key(config.seed), image_shape, mesh,
+        probe_tx=probe_tx, num_classes=num_classes)
   return state
 
 
@@ -165,10 +185,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tx = optim.create(config.optim, schedule)
   loss_fn = losses.get_with_metrics(config.loss.name)
 
+  probe_tx = (online.probe_optimizer(config.online_eval.probe_learning_rate,
+                                     total_steps)
+              if config.online_eval.probe else None)
+  num_classes = info.features["label"].num_classes
+
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
-  abstract_state = state_lib.abstract_train_state(model, tx, image_shape, mesh)
+  abstract_state = state_lib.abstract_train_state(
+      model, tx, image_shape, mesh, probe_tx=probe_tx,
+      num_classes=num_classes)
   state = _restore_or_create(config, workdir, manager, model, tx, image_shape,
-                             mesh, abstract_state)
+                             mesh, abstract_state, probe_tx, num_classes)
   start_step = int(jax.device_get(state.step))
 
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
@@ -179,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       nonfinite.guard(
           functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
                             loss_config=config.loss, schedule=schedule,
-                            grad_cache_chunks=config.grad_cache_chunks),
+                            grad_cache_chunks=config.grad_cache_chunks,
+                            probe_tx=probe_tx),
           config.nonfinite),
       in_shardings=(state_shardings, replicated, batch_shardings),
       out_shardings=(state_shardings, replicated, replicated),
@@ -199,8 +227,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=logger.writer)
   images_per_step = config.input.batch_size
+  eval_every = config.online_eval.every_steps
+
+  def evaluate_online(step):
+    return online.evaluate(
+        config, model,
+        {"params": state.params, "batch_stats": state.batch_stats}, mesh,
+        probe_params=state.probe_params if config.online_eval.probe else None)
+
   last_metrics = {}
   preempted = False
+  # Training wall time of this process: excludes compiling the first step
+  # and the periodic evaluation (the time axis of accuracy-vs-time plots).
+  train_seconds = 0.0
   with jax.set_mesh(mesh), preemption.Watcher() as watcher:
     timer_step, timer_start = start_step, time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
@@ -211,17 +250,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         # Keep compilation out of the throughput figure.
         jax.block_until_ready(state)
         timer_step, timer_start = step, time.perf_counter()
-      if step % config.log_every_steps == 0 or step == total_steps:
+      log_now = step % config.log_every_steps == 0 or step == total_steps
+      eval_now = eval_every > 0 and (step % eval_every == 0
+                                     or step == total_steps)
+      if log_now or eval_now:
         bad_steps = nonfinite.check(tally, config.nonfinite)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - timer_start
+        train_seconds += elapsed
         rate = (images_per_step * (step - timer_step) / elapsed
                 if step > timer_step else float("nan"))
         metrics.update(images_per_sec=rate,
                        images_per_sec_per_device=rate / mesh.size,
-                       epoch=step / steps_per_epoch)
+                       epoch=step / steps_per_epoch,
+                       train_time_sec=train_seconds)
         if config.nonfinite == "skip":
           metrics["skipped_steps"] = bad_steps
+        if eval_now:
+          metrics.update(evaluate_online(step))
         logger.write(step, metrics)
         last_metrics = metrics
         logging.info("step %d/%d: loss %.4f, acc %.3f, %.1f images/s", step,

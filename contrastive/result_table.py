@@ -1,0 +1,258 @@
+r"""The Fashion-MNIST result table: each method, same encoder and budget.
+
+  make table
+  # = XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+  #   python -m contrastive.result_table --workdir=/tmp/contrastive/table \
+  #       --data_dir=/tmp/contrastive/tensorflow_datasets --out=results
+
+Each row is one run of `contrastive.main` (a subprocess on 8 simulated CPU
+devices) into `workdir/<row>`: the same ResNet-18 (CIFAR stem, width 1/4),
+batch, epochs and input size, from `configs/smoke_fashion_mnist.py` and
+`configs/ce_fashion_mnist.py`. Every run is scored by the same frozen-feature
+protocols (L-BFGS linear probe, weighted kNN) and evaluated online every
+`--eval_every` steps (kNN against 10k training images), which gives the
+accuracy-against-training-time curves. Rows whose workdir already holds a
+finished run are read, not re-run (`--rerun` re-runs them; an interrupted
+run resumes from its checkpoint).
+
+Writes `out/fashion_mnist.md` (the table, with the command, machine and
+total time) and `out/fashion_mnist.png`. A new method joins the table by
+adding a `Row` to `ROWS`.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/contrastive/table",
+                               "One sub-folder per row.")
+_OUT = flags.DEFINE_string("out", "results", "Where the .md and .png go.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "TFDS data_dir (the prepared Fashion-MNIST builder).")
+_ROWS = flags.DEFINE_list("rows", None, "Rows to run (default: all).")
+_RERUN = flags.DEFINE_bool("rerun", False, "Re-run rows that finished.")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "override", [], "Extra `--config.x=y` for every row (a row's own "
+    "settings win), e.g. --override=--config.total_epochs=10.")
+_EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every", 94, "Online kNN/probe evaluation every this many steps "
+    "(94 = 0.4 epoch at batch 256).")
+
+RUN_RECORD = "table_run.json"
+RAW_PIXELS = "raw_pixels"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  label: str
+  loss: str  # What the table says the objective is.
+  config: str  # configs/<file>[:arg]
+  overrides: tuple[str, ...] = ()
+  # Whether the run scores raw pixels too (one row needs to).
+  raw_pixels: bool = False
+
+
+ROWS = {
+    "random_init": Row(
+        "Random init (no training)", "-",
+        "configs/smoke_fashion_mnist.py:simclr", ("--config.total_steps=0",)),
+    "ce": Row("Supervised cross-entropy (CE)", "cross-entropy",
+              "configs/ce_fashion_mnist.py"),
+    "simclr": Row("SimCLR", "NT-Xent, tau 0.2",
+                  "configs/smoke_fashion_mnist.py:simclr"),
+    "supcon": Row("SupCon", "SupCon L_out, tau 0.1",
+                  "configs/smoke_fashion_mnist.py:supcon", raw_pixels=True),
+}
+
+
+def _command(row: Row, workdir: str) -> list[str]:
+  command = [sys.executable, "-m", "contrastive.main",
+             f"--config={row.config}", f"--workdir={workdir}",
+             f"--config.linear_eval.raw_pixel_baseline={row.raw_pixels}",
+             f"--config.online_eval.every_steps={_EVAL_EVERY.value}",
+             "--config.online_eval.knn_train_split=train[:10000]",
+             *_OVERRIDES.value, *row.overrides]
+  if _DATA_DIR.value:
+    command.append(f"--config.input.data_dir={_DATA_DIR.value}")
+  return command
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      rows[row["step"]] = row  # A resumed run repeats steps: keep the last.
+  return [rows[step] for step in sorted(rows)]
+
+
+def run_row(name: str, row: Row, workdir: str) -> dict:
+  """Runs (or reuses) one row; returns its record."""
+  record_path = os.path.join(workdir, RUN_RECORD)
+  if os.path.exists(record_path) and not _RERUN.value:
+    print(f"[{name}] reusing the finished run in {workdir}", flush=True)
+    return _read_json(record_path)
+  command = _command(row, workdir)
+  print(f"[{name}] {' '.join(command)}", flush=True)
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      " --xla_force_host_platform_device_count=8")
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "table_run.log"), "w") as log:
+    proc = subprocess.run(command, env=env, stdout=log,
+                          stderr=subprocess.STDOUT, check=False)
+  seconds = time.perf_counter() - start
+  if proc.returncode != 0:
+    raise RuntimeError(f"Row '{name}' failed (exit {proc.returncode}); see "
+                       f"{workdir}/table_run.log and run again to resume.")
+  record = {"name": name, "command": command, "seconds": seconds}
+  with open(record_path, "w") as f:
+    json.dump(record, f, indent=2)
+  print(f"[{name}] done in {seconds / 60:.1f} min", flush=True)
+  return record
+
+
+def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
+  """The table's numbers for one row, from the files its run wrote."""
+  evaluation = _read_json(os.path.join(workdir, "linear_eval.json"))
+  metrics = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  classifier_path = os.path.join(workdir, "classifier_eval.json")
+  result = {
+      "name": name, "label": row.label, "loss": row.loss,
+      "linear_top1": evaluation["top1"],
+      "knn20_top1": evaluation.get("knn20_top1"),
+      "knn200_top1": evaluation.get("knn200_top1"),
+      "classifier_top1": (_read_json(classifier_path)["top1"]
+                          if os.path.exists(classifier_path) else None),
+      "epochs": metrics[-1]["epoch"] if metrics else 0.0,
+      "train_seconds": metrics[-1]["train_time_sec"] if metrics else 0.0,
+      "run_seconds": record["seconds"],
+      "curve": [(m["train_time_sec"], m["online/knn_top1"],
+                 m.get("online/probe_top1")) for m in metrics
+                if "online/knn_top1" in m],
+  }
+  if RAW_PIXELS in evaluation:
+    result[RAW_PIXELS] = evaluation[RAW_PIXELS]
+  return result
+
+
+def _percent(value) -> str:
+  return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _minutes(seconds) -> str:
+  return "-" if not seconds else f"{seconds / 60:.1f} min"
+
+
+def markdown(results: list[dict], total_seconds: float) -> str:
+  header = ("| method | objective | linear top-1 | kNN top-1 (k=20) | "
+            "kNN top-1 (k=200) | own classifier top-1 | epochs | "
+            "training time | run time (with evaluation) |")
+  lines = [header, "|---" * 9 + "|"]
+  for raw in (r[RAW_PIXELS] for r in results if RAW_PIXELS in r):
+    lines.append(
+        f"| Raw pixels ({raw['feature_dim']}-d), no training | - | "
+        f"{_percent(raw['top1'])} | {_percent(raw.get('knn20_top1'))} | "
+        f"{_percent(raw.get('knn200_top1'))} | - | - | - | - |")
+  for r in results:
+    lines.append(
+        f"| {r['label']} | {r['loss']} | {_percent(r['linear_top1'])} | "
+        f"{_percent(r['knn20_top1'])} | {_percent(r['knn200_top1'])} | "
+        f"{_percent(r['classifier_top1'])} | {r['epochs']:.1f} | "
+        f"{_minutes(r['train_seconds'])} | {_minutes(r['run_seconds'])} |")
+  cpu = platform.processor() or platform.machine()
+  return "\n".join([
+      "# Fashion-MNIST, CPU: linear and kNN evaluation of frozen encoders",
+      "",
+      f"Measured {datetime.date.today().isoformat()} by `make table` "
+      f"(`python -m contrastive.result_table`) on {os.cpu_count()} CPU "
+      f"cores ({cpu}), 8 simulated devices; {total_seconds / 60:.0f} min in "
+      "all.",
+      "",
+      "Encoder: ResNet-18 (CIFAR stem, width 1/4, 128-d features); batch 256 "
+      "images; 28 px; the 10k test images. Linear top-1: multinomial "
+      "logistic regression (L-BFGS) on frozen, standardised features of the "
+      "60k training images. kNN: cosine, temperature-0.07 weighted votes "
+      "(InstDisc). Own classifier: the CE model's softmax layer. Training "
+      "time excludes compilation and the online evaluation.",
+      "",
+      *lines,
+      "",
+  ])
+
+
+def plot(results: list[dict], path: str) -> None:
+  figure, axis = plt.subplots(figsize=(7, 4.5))
+  for r in results:
+    colour = None
+    if r["curve"]:
+      times, knn_top1, _ = zip(*r["curve"])
+      (line,) = axis.plot([t / 60 for t in times],
+                          [100 * a for a in knn_top1], marker="o",
+                          markersize=3, label=f"{r['label']} (kNN, online)")
+      colour = line.get_color()
+    axis.scatter([r["train_seconds"] / 60], [100 * r["linear_top1"]],
+                 marker="*", s=120, color=colour, zorder=3,
+                 label=f"{r['label']} (linear, final)")
+  for raw in (r[RAW_PIXELS] for r in results if RAW_PIXELS in r):
+    axis.axhline(100 * raw["top1"], color="grey", linestyle="--",
+                 label="Raw pixels (linear)")
+  axis.set_xlabel("training time (min, 2 CPU cores)")
+  axis.set_ylabel("test top-1 (%)")
+  axis.set_title("Fashion-MNIST: accuracy against training time")
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize=7, loc="lower right")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  names = _ROWS.value or list(ROWS)
+  unknown = sorted(set(names) - set(ROWS))
+  if unknown:
+    raise app.UsageError(f"Unknown rows {unknown}; known: {list(ROWS)}.")
+  start = time.perf_counter()
+  results = []
+  for name in names:
+    workdir = os.path.join(_WORKDIR.value, name)
+    record = run_row(name, ROWS[name], workdir)
+    results.append(collect(name, ROWS[name], workdir, record))
+  # Reused rows count with the time they took when they ran.
+  total = sum(r["run_seconds"] for r in results)
+  os.makedirs(_OUT.value, exist_ok=True)
+  table = markdown(results, total)
+  with open(os.path.join(_OUT.value, "fashion_mnist.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(_OUT.value, "fashion_mnist.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  plot(results, os.path.join(_OUT.value, "fashion_mnist.png"))
+  print(table)
+  print(f"Wrote {_OUT.value}/fashion_mnist.md and .png "
+        f"({(time.perf_counter() - start) / 60:.1f} min this time).")
+
+
+if __name__ == "__main__":
+  app.run(main)

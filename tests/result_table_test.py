@@ -1,0 +1,92 @@
+"""The result-table command runs its rows and writes the table and plot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fake_fashion_mnist
+from contrastive import result_table
+from contrastive.data import fashion_mnist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _result(name, linear, curve, raw=None):
+  result = {"name": name, "label": name.upper(), "loss": "x",
+            "linear_top1": linear, "knn20_top1": linear - 0.01,
+            "knn200_top1": None, "classifier_top1": None, "epochs": 2.0,
+            "train_seconds": 600.0, "run_seconds": 700.0, "curve": curve}
+  if raw:
+    result["raw_pixels"] = raw
+  return result
+
+
+def test_markdown_lists_every_row_and_raw_pixels(tmp_path):
+  results = [
+      _result("simclr", 0.8644, [(100.0, 0.8, 0.7), (600.0, 0.85, 0.8)]),
+      _result("supcon", 0.8920, [(100.0, 0.85, None)],
+              raw={"top1": 0.8392, "knn20_top1": 0.8459, "feature_dim": 784}),
+  ]
+  table = result_table.markdown(results, total_seconds=1400)
+  lines = [line for line in table.splitlines() if line.startswith("| ")]
+  assert lines[0].startswith("| method | objective | linear top-1 |")
+  assert lines[1] == "| Raw pixels (784-d), no training | - | 83.92 | 84.59 | - | - | - | - | - |"
+  assert lines[2] == ("| SIMCLR | x | 86.44 | 85.44 | - | - | 2.0 | 10.0 min | "
+                      "11.7 min |")
+  assert lines[3].startswith("| SUPCON | x | 89.20 |")
+  assert "23 min in all" in table
+  path = tmp_path / "table.png"
+  result_table.plot(results, str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resumed_metrics_keep_the_last_row_per_step(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
+          {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.0}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert [r["loss"] for r in result_table._read_jsonl(str(path))] == [
+      3.0, 1.5, 1.0]
+
+
+@pytest.mark.slow
+def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
+  source = tmp_path / "fashion_mnist_src"
+  source.mkdir()
+  fake_fashion_mnist.write(source, num_train=96, num_test=40)
+  out = tmp_path / "results"
+  command = [
+      sys.executable, "-m", "contrastive.result_table",
+      f"--workdir={tmp_path / 'table'}", f"--data_dir={tmp_path / 'tfds'}",
+      f"--out={out}", "--rows=random_init,simclr", "--eval_every=1",
+      "--override=--config.total_steps=2",
+      "--override=--config.input.batch_size=16",
+      "--override=--config.model.width=0.125",
+      "--override=--config.linear_eval.batch_size=16",
+      "--override=--config.linear_eval.steps=10",
+      "--override=--config.linear_eval.knn_k=(5,)",
+      "--override=--config.online_eval.knn_k=5",
+      # The fake split has 96 images, not the 10k the table's kNN uses.
+      "--override=--config.online_eval.knn_train_split=train"]
+  env = {**os.environ, fashion_mnist.ENV_VAR: str(source)}
+  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  table = (out / "fashion_mnist.md").read_text()
+  assert "| Random init (no training) | - |" in table
+  assert "| SimCLR | NT-Xent, tau 0.2 |" in table
+  results = json.loads((out / "fashion_mnist.json").read_text())
+  assert [r["name"] for r in results] == ["random_init", "simclr"]
+  random_init, simclr = results
+  assert random_init["epochs"] == 0 and random_init["curve"] == []
+  # Online evaluation at both steps of the SimCLR run.
+  assert len(simclr["curve"]) == 2
+  assert (out / "fashion_mnist.png").stat().st_size > 0
+  # A second call reuses the finished runs.
+  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("reusing the finished run") == 2
