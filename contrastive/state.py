@@ -33,7 +33,7 @@ def _init_fn(model, tx: optax.GradientTransformation,
     if probe_tx is not None:
       features = model.apply(variables, images, method=model.features)
       probe_params = online.probe_init(features.shape[-1], num_classes)
-      probe_opt_state = probe_tx.init(probe_params)
+      probe_opt_state = online.probe_optimizer_init(probe_tx, probe_params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), probe_params=probe_params,

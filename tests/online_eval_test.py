@@ -90,16 +90,18 @@ def test_probe_does_not_change_the_encoder_step():
 
 def test_probe_step_matches_numpy_softmax_regression_gradient():
   rng = np.random.default_rng(1)
-  features = rng.normal(size=(32, 6)).astype(np.float32)
+  features = (rng.normal(size=(32, 6)) * 5 + 3).astype(np.float32)
   labels = rng.integers(0, 3, size=32).astype(np.int32)
-  params = {"kernel": rng.normal(size=(6, 3)).astype(np.float32) * 0.1,
-            "bias": rng.normal(size=3).astype(np.float32) * 0.1}
+  params = online.probe_init(6, 3)
+  params.update(kernel=rng.normal(size=(6, 3)).astype(np.float32) * 0.1,
+                bias=rng.normal(size=3).astype(np.float32) * 0.1)
   lr = 0.3
   tx = online.probe_optimizer(lr, total_steps=1000)
-  new_params, _, metrics = online.probe_step(params, tx.init(params),
-                                             features, labels, tx)
-  # Independent: softmax regression gradient in float64.
+  new_params, _, metrics = online.probe_step(
+      params, online.probe_optimizer_init(tx, params), features, labels, tx)
+  # Independent: softmax regression on batch-standardised features, float64.
   x = features.astype(np.float64)
+  x = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
   logits = x @ params["kernel"] + params["bias"]
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
@@ -110,9 +112,14 @@ def test_probe_step_matches_numpy_softmax_regression_gradient():
   np.testing.assert_allclose(metrics["probe_loss"], loss, rtol=1e-5)
   # First SGD step with momentum: params - lr(0) * grad.
   np.testing.assert_allclose(new_params["kernel"],
-                             params["kernel"] - lr * grad_kernel, atol=1e-6)
+                             params["kernel"] - lr * grad_kernel, atol=1e-5)
   np.testing.assert_allclose(new_params["bias"],
                              params["bias"] - lr * grad_bias, atol=1e-6)
+  # Running statistics move 10% of the way to the batch's.
+  np.testing.assert_allclose(new_params["feature_mean"],
+                             0.1 * features.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(new_params["feature_var"],
+                             0.9 + 0.1 * features.var(0), rtol=1e-5)
 
 
 def test_probe_learns_separable_features():
@@ -122,7 +129,7 @@ def test_probe_learns_separable_features():
   features = (centres[labels] + rng.normal(size=(512, 16))).astype(np.float32)
   tx = online.probe_optimizer(0.1, total_steps=200)
   params = online.probe_init(16, 5)
-  opt_state = tx.init(params)
+  opt_state = online.probe_optimizer_init(tx, params)
   step = jax.jit(functools.partial(online.probe_step, tx=tx))
   for i in range(200):
     rows = slice((i % 8) * 64, (i % 8 + 1) * 64)

@@ -1,8 +1,9 @@
 """Evaluation while pretraining: an online linear probe and periodic kNN.
 
 The probe (SimCLR v2's and solo-learn's "online classifier") is a linear
-layer on the encoder's pooled features, trained alongside the encoder on
-the same batches with its own SGD. Its input is `stop_gradient(features)`,
+layer on the encoder's pooled features, standardised as by a BatchNorm
+without scale and offset, trained alongside the encoder on the same batches
+with its own SGD. Its input is `stop_gradient(features)`,
 so it reports how linearly separable the representation is without
 changing the encoder's gradients; every view of the batch is a training
 example. Per step it gives `probe_loss` and `probe_train_top1` (on the
@@ -32,13 +33,25 @@ from contrastive.evaluation import linear
 # SGD with momentum 0.9 and no weight decay on a cosine schedule, as
 # solo-learn's online classifier (lr 0.1 there as here).
 PROBE_MOMENTUM = 0.9
+# The probe standardises its input like a BatchNorm without scale and
+# offset (the MAE linear probe): batch statistics in training, running
+# averages (this momentum) at evaluation. Raw pooled features change scale
+# by orders of magnitude early in pretraining; without it SGD lagged far
+# behind the features (Fashion-MNIST smoke run, step 94: 42% probe top-1
+# against 80% kNN top-1 on the same features).
+STATS_MOMENTUM = 0.9
+STATS_EPSILON = 1e-5
+TRAINED = ("kernel", "bias")
 
 
 def probe_init(feature_dim: int, num_classes: int) -> dict[str, jax.Array]:
+  """Probe parameters plus running feature statistics."""
   # Zeros: a linear softmax classifier has a convex loss, so no symmetry to
   # break, and the first logged accuracy is chance, not an accident of init.
   return {"kernel": jnp.zeros((feature_dim, num_classes), jnp.float32),
-          "bias": jnp.zeros((num_classes,), jnp.float32)}
+          "bias": jnp.zeros((num_classes,), jnp.float32),
+          "feature_mean": jnp.zeros((feature_dim,), jnp.float32),
+          "feature_var": jnp.ones((feature_dim,), jnp.float32)}
 
 
 def probe_optimizer(learning_rate: float,
@@ -48,9 +61,23 @@ def probe_optimizer(learning_rate: float,
   return optax.sgd(schedule, momentum=PROBE_MOMENTUM)
 
 
-def probe_logits(probe_params, features: jax.Array) -> jax.Array:
-  return (features.astype(jnp.float32) @ probe_params["kernel"]
-          + probe_params["bias"])
+def probe_optimizer_init(tx: optax.GradientTransformation, probe_params):
+  return tx.init({k: probe_params[k] for k in TRAINED})
+
+
+def probe_logits(probe_params, features: jax.Array, *,
+                 mean=None, var=None) -> jax.Array:
+  """Logits of a probe; standardised with `mean`/`var` or its running ones.
+
+  A plain linear classifier ({"kernel", "bias"} only, e.g. the supervised
+  trainer's) is applied to the raw features.
+  """
+  x = features.astype(jnp.float32)
+  if "feature_mean" in probe_params:
+    mean = probe_params["feature_mean"] if mean is None else mean
+    var = probe_params["feature_var"] if var is None else var
+    x = (x - mean) * jax.lax.rsqrt(var + STATS_EPSILON)
+  return x @ probe_params["kernel"] + probe_params["bias"]
 
 
 def probe_step(probe_params, probe_opt_state, features: jax.Array,
@@ -59,18 +86,29 @@ def probe_step(probe_params, probe_opt_state, features: jax.Array,
 
   Returns (probe_params, probe_opt_state, metrics).
   """
-  features = jax.lax.stop_gradient(features)
+  features = jax.lax.stop_gradient(features).astype(jnp.float32)
+  mean = features.mean(0)
+  var = features.var(0)
 
-  def loss_fn(params):
-    logits = probe_logits(params, features)
+  def loss_fn(trained):
+    logits = probe_logits({**probe_params, **trained}, features, mean=mean,
+                          var=var)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, labels).mean()
     return loss, logits
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      probe_params)
-  updates, probe_opt_state = tx.update(grads, probe_opt_state, probe_params)
-  probe_params = optax.apply_updates(probe_params, updates)
+  trained = {k: probe_params[k] for k in TRAINED}
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+  updates, probe_opt_state = tx.update(grads, probe_opt_state, trained)
+  trained = optax.apply_updates(trained, updates)
+  momentum = STATS_MOMENTUM
+  probe_params = {
+      **trained,
+      "feature_mean": momentum * probe_params["feature_mean"]
+                      + (1 - momentum) * mean,
+      "feature_var": momentum * probe_params["feature_var"]
+                     + (1 - momentum) * var,
+  }
   top1 = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
   return probe_params, probe_opt_state, {"probe_loss": loss,
                                          "probe_train_top1": top1}
@@ -127,9 +165,8 @@ def evaluate(config: ml_collections.ConfigDict, model, variables: dict,
         train_x, train_y, test_x, test_y, num_classes=num_classes, k=k,
         temperature=eval_config.knn_temperature)["top1"]}
     if probe_params is not None:
-      kernel, bias = (np.asarray(jax.device_get(probe_params[name]))
-                      for name in ("kernel", "bias"))
-      predicted = np.argmax(test_x @ kernel + bias, axis=-1)
+      probe = jax.tree.map(jnp.asarray, jax.device_get(probe_params))
+      predicted = np.argmax(np.asarray(probe_logits(probe, test_x)), -1)
       scores["online/probe_top1"] = float(np.mean(predicted == test_y))
   scores["online/eval_seconds"] = time.perf_counter() - start
   logging.info("Online evaluation: %s", scores)
