@@ -27,6 +27,8 @@ def cifar_config(dataset: str, method: str, epochs: int):
     config.loss.update(name="supcon", temperature=0.1, use_labels=True)
     config.loss.kwargs = dict(variant="out", contrast_mode="all",
                               base_temperature=0.07)
-  config.linear_eval.update(enabled=True, train_split="train",
-                            test_split="test", batch_size=1000)
+  config.linear_eval.update(enabled=True, protocol="supcontrast",
+                            train_split="train", test_split="test",
+                            batch_size=1000)
+  config.online_eval.every_steps = 4800  # About every 100 epochs.
   return config

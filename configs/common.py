@@ -128,10 +128,12 @@ def base_config() -> ml_collections.ConfigDict:
       knn_temperature=0.07,
       # "lbfgs": the minimal probe above (full-batch L-BFGS on standardised,
       # cached features). The papers' protocols train a linear classifier
-      # on the frozen encoder (BN in inference mode) with SGD: "simclr"
-      # (Nesterov, batch 4096, lr 0.1 x B/256, no weight decay, 90 epochs,
-      # crop + flip), "supcon" (the TF scripts' RMSProp variant), "moco"
-      # (lr 30). Unset keys below take the protocol's own value.
+      # on the frozen encoder (BN in inference mode) by SGD: "simclr"
+      # (Nesterov, batch 4096, lr 0.1 x B/256, wd 1e-6, 90 epochs, crop +
+      # flip), "supcon" (the TF scripts' stage-2 RMSProp), "moco" (lr 30),
+      # "supcontrast" (the PyTorch SupCon CIFAR recipe: batch 512, lr 5);
+      # values and sources in contrastive/evaluation/linear_protocols.py.
+      # Unset keys below take the protocol's own value.
       protocol="lbfgs",
       epochs=config_dict.placeholder(float),
       learning_rate=config_dict.placeholder(float),

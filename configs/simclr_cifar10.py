@@ -8,8 +8,8 @@ Hardware: designed for 8 GPUs or a TPU v3-8 / v4-8 (global batch 1024).
 Setting: see configs/cifar.py (ResNet-50, batch 1024, lr 0.5, tau 0.5,
 cosine, 1000 epochs).
 Expected linear-eval top-1: 93.6 (HobbitLong/SupContrast README, ResNet-50).
-The README's linear stage is SGD (batch 512, lr 5); the minimal L-BFGS probe
-run here is a stand-in until that protocol lands.
+Linear evaluation: the README's linear stage (`linear_eval.protocol=
+"supcontrast"`: SGD momentum 0.9, batch 512, lr 5, 100 epochs, cosine).
 Arg: number of epochs (default 1000), e.g. `:100`.
 """
 

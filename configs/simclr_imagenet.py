@@ -13,9 +13,10 @@ Expected linear-eval top-1 (ImageNet val):
   r50   ~64.5 after 100 epochs (README recipe), 69.3 after 1000 (paper;
         released checkpoint 69.1) -- the 69.3 is unverified against the PDF.
   r50x2 74.2 (paper and README), r50x4 76.5 (abstract; checkpoint 76.6).
-The SimCLR linear-eval protocol (SGD, 90 epochs) is not wired in yet, so
-`linear_eval.enabled` is False here; the minimal L-BFGS probe can be turned on
-with --config.linear_eval.enabled=True for small runs.
+After pretraining, the SimCLR linear-eval protocol runs on the frozen
+encoder (`linear_eval.protocol="simclr"`: Nesterov SGD, batch 4096, lr
+0.1 x B/256, 90 epochs, crop + flip; contrastive/evaluation/
+linear_protocols.py), with the online probe and kNN alongside.
 """
 
 from configs import common
@@ -34,5 +35,10 @@ def get_config(arg=None):
   config.optim.update(name="lars", lr=0.3, lr_scaling="linear",
                       weight_decay=1e-6, warmup_epochs=10)
   config.total_epochs = float(args.epochs)
-  config.linear_eval.update(train_split="train", test_split="validation")
+  config.linear_eval.update(enabled=True, protocol="simclr",
+                            train_split="train", test_split="validation",
+                            knn_k=(20, 200))
+  # Online kNN against 10% of the training set: 128k x 2048 features fit
+  # one chip's memory; the offline kNN after training uses all of it.
+  config.online_eval.update(every_steps=5000, knn_train_split="train[:10%]")
   return config

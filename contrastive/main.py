@@ -1,9 +1,11 @@
-r"""Entry point: pretrain (resuming from --workdir), then evaluate.
+r"""Entry point: train (resuming from --workdir), then evaluate.
 
   python -m contrastive.main --config=configs/smoke_fashion_mnist.py:simclr \
       --workdir=/tmp/smoke [--config.total_steps=100 ...]
 
-This file is intentionally short; the logic is in `train.py`.
+This file is intentionally short; `config.trainer` picks the logic:
+`train.py` (contrastive pretraining) or `supervised.py` (cross-entropy
+baseline and fine-tuning).
 """
 
 import json
@@ -17,6 +19,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from contrastive import supervised
 from contrastive import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,6 +35,22 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+# config.trainer -> train_and_evaluate(config, workdir) -> result dict.
+TRAINERS = {
+    "contrastive": train.train_and_evaluate,
+    "supervised": supervised.train_and_evaluate,
+}
+
+
+def get_trainer(name: str):
+  """The `train_and_evaluate` of `config.trainer`; ValueError if unknown."""
+  if name not in TRAINERS:
+    raise ValueError(f"config.trainer={name!r} is not one of "
+                     f"{sorted(TRAINERS)}; set --config.trainer=contrastive "
+                     "or --config.trainer=supervised.")
+  return TRAINERS[name]
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -98,20 +117,31 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  try:  # Before any set-up: a mistyped trainer fails at once.
+    trainer = get_trainer(config.trainer)
+  except ValueError as e:
+    sys.exit(f"FATAL {e}")
   # TF only feeds data; keep it off accelerators that JAX owns.
   tf.config.set_visible_devices([], "GPU")
   _initialize_distributed()
   logging.info("JAX process %d/%d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  config = _CONFIG.value
-  result = train.train_and_evaluate(config, _WORKDIR.value)
+  result = trainer(config, _WORKDIR.value)
   if result.get("preempted"):
     # Exit 0: the scheduler restarts the same command, which resumes.
     if jax.process_index() == 0:
       print(f"Preempted: checkpointed step {result['step']} in "
             f"{_WORKDIR.value}; run the same command again to resume.")
     return
+  if jax.process_index() == 0 and "classifier" in result:
+    classifier = result["classifier"]
+    print(f"\nClassifier after {result['step']} steps on "
+          f"{classifier['dataset']} {classifier['split']} "
+          f"({classifier['num_test']} images): top-1 "
+          f"{100 * classifier['top1']:.2f}, top-5 "
+          f"{100 * classifier['top5']:.2f}")
   if jax.process_index() == 0 and "linear_eval" in result:
     print(f"\nLinear evaluation on {result['linear_eval']['dataset']} "
           f"{result['linear_eval']['split']} "

@@ -36,19 +36,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/contrastive/table",
-                               "One sub-folder per row.")
-_OUT = flags.DEFINE_string("out", "results", "Where the .md and .png go.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "TFDS data_dir (the prepared Fashion-MNIST builder).")
-_ROWS = flags.DEFINE_list("rows", None, "Rows to run (default: all).")
-_RERUN = flags.DEFINE_bool("rerun", False, "Re-run rows that finished.")
-_OVERRIDES = flags.DEFINE_multi_string(
-    "override", [], "Extra `--config.x=y` for every row (a row's own "
-    "settings win), e.g. --override=--config.total_epochs=10.")
-_EVAL_EVERY = flags.DEFINE_integer(
-    "eval_every", 94, "Online kNN/probe evaluation every this many steps "
-    "(94 = 0.4 epoch at batch 256).")
+def _define_flags() -> None:
+  """Defines the command's flags; only when run as a command, so that
+  importing this module next to another absl entry point cannot clash."""
+  global _WORKDIR, _OUT, _DATA_DIR, _ROWS, _RERUN, _OVERRIDES, _EVAL_EVERY
+  _WORKDIR = flags.DEFINE_string("workdir", "/tmp/contrastive/table",
+                                 "One sub-folder per row.")
+  _OUT = flags.DEFINE_string("out", "results", "Where the .md and .png go.")
+  _DATA_DIR = flags.DEFINE_string(
+      "data_dir", None, "TFDS data_dir (the prepared Fashion-MNIST builder).")
+  _ROWS = flags.DEFINE_list("rows", None, "Rows to run (default: all).")
+  _RERUN = flags.DEFINE_bool("rerun", False, "Re-run rows that finished.")
+  _OVERRIDES = flags.DEFINE_multi_string(
+      "override", [], "Extra `--config.x=y` for every row (a row's own "
+      "settings win), e.g. --override=--config.total_epochs=10.")
+  _EVAL_EVERY = flags.DEFINE_integer(
+      "eval_every", 94, "Online kNN/probe evaluation every this many steps "
+      "(94 = 0.4 epoch at batch 256).")
+
 
 RUN_RECORD = "table_run.json"
 RAW_PIXELS = "raw_pixels"
@@ -255,4 +260,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -1,13 +1,19 @@
-"""Linear evaluation of a frozen encoder (minimal protocol).
+"""Linear evaluation of a frozen encoder.
 
 Features are the encoder's pooled output with BatchNorm in inference mode,
-extracted once over the mesh. A multinomial logistic regression on
-standardised features is fitted to convergence with full-batch L-BFGS
-(convex, so no learning-rate or epoch tuning), then scored on the test split.
-The result goes to `workdir/linear_eval.json`:
-  {"top1": ..., "top5": ..., "dataset": ..., "split": ..., ...}
+extracted once over the mesh. `config.linear_eval.protocol` says how the
+linear classifier is trained:
+  "lbfgs": a multinomial logistic regression on standardised features,
+    fitted to convergence with full-batch L-BFGS (convex, so no
+    learning-rate or epoch tuning). The minimal probe, and the default.
+  "simclr", "supcon", "moco": the papers' SGD protocols
+    (`linear_protocols.py`), on cached features or on augmented images.
+Either way the classifier is scored on the test split, next to a weighted
+kNN on the same features. The result goes to `workdir/linear_eval.json`:
+  {"top1": ..., "top5": ..., "dataset": ..., "split": ..., "protocol": ...}
 """
 
+import functools
 import json
 import os
 import time
@@ -23,8 +29,9 @@ import optax
 import tensorflow as tf
 
 from contrastive import sharding
-from contrastive.evaluation import knn
 from contrastive.data import input_pipeline
+from contrastive.evaluation import knn
+from contrastive.evaluation import linear_protocols
 
 
 def extract(config, dataset: str, split: str, mesh,
@@ -92,6 +99,26 @@ def topk_accuracy(params, x: np.ndarray, y: np.ndarray,
           for k in ks}
 
 
+def _knn_scores(eval_config, train_x, train_y, test_x, test_y,
+                num_classes: int) -> dict[str, float]:
+  result = {}
+  for k in eval_config.get("knn_k", ()):
+    if k > len(train_x):
+      logging.warning("Skipping kNN with k=%d: only %d training samples.",
+                      k, len(train_x))
+      continue
+    scores = knn.classify(train_x, train_y, test_x, test_y,
+                          num_classes=num_classes, k=k,
+                          temperature=eval_config.knn_temperature)
+    result[f"knn{k}_top1"] = scores["top1"]
+  return result
+
+
+def _sizes(train_x, test_x) -> dict[str, int]:
+  return {"num_train": int(train_x.shape[0]), "num_test": int(test_x.shape[0]),
+          "feature_dim": int(train_x.shape[1])}
+
+
 def probe(config, dataset: str, mesh, embed_fn=None) -> dict[str, Any]:
   """Extracts train/test features and scores a linear classifier on them."""
   eval_config = config.linear_eval
@@ -111,37 +138,96 @@ def probe(config, dataset: str, mesh, embed_fn=None) -> dict[str, Any]:
     result = topk_accuracy(params, test_x, test_y)
     result["train_top1"] = topk_accuracy(params, train_x, train_y,
                                          ks=(1,))["top1"]
-    for k in eval_config.get("knn_k", ()):
-      if k > len(train_x):
-        logging.warning("Skipping kNN with k=%d: only %d training samples.",
-                        k, len(train_x))
-        continue
-      scores = knn.classify(train_x, train_y, test_x, test_y,
-                            num_classes=num_classes, k=k,
-                            temperature=eval_config.knn_temperature)
-      result[f"knn{k}_top1"] = scores["top1"]
+    result.update(_knn_scores(eval_config, train_x, train_y, test_x, test_y,
+                              num_classes))
   logging.info("Fitted the linear probe (and kNN) on %s features in %.1f s.",
                train_x.shape, time.perf_counter() - start)
-  result.update(num_train=int(train_x.shape[0]),
-                num_test=int(test_x.shape[0]),
-                feature_dim=int(train_x.shape[1]))
+  result.update(_sizes(train_x, test_x))
+  result.update(protocol=linear_protocols.LBFGS,
+                hparams={"steps": eval_config.steps, "l2": eval_config.l2})
+  return result
+
+
+def _flatten(variables, images: jax.Array) -> jax.Array:
+  del variables
+  return images.reshape(images.shape[0], -1)
+
+
+def protocol_probe(config, dataset: str, mesh, features_fn=None,
+                   variables=None, log_fn=None) -> dict[str, Any]:
+  """Trains and scores a classifier by `config.linear_eval.protocol` (SGD).
+
+  `features_fn(variables, images)` maps a batch-sharded `f32[b, H, W, C]` to
+  frozen features (None: raw pixels). `log_fn(epoch, loss)` receives the
+  classifier's mean training loss of each epoch.
+  """
+  eval_config = config.linear_eval
+  protocol = linear_protocols.resolve(eval_config)
+  features_fn = features_fn or _flatten
+  info = input_pipeline.dataset_info(dataset, config.input.data_dir)
+  num_classes = info.features["label"].num_classes
+  embed = jax.jit(features_fn, out_shardings=sharding.batch_sharding(mesh))
+  embed_fn = lambda x: embed(variables, x)
+  # Train features are needed either way: kNN and train accuracy.
+  train_x, train_y = extract(config, dataset, eval_config.train_split, mesh,
+                             embed_fn)
+  test_x, test_y = extract(config, dataset, eval_config.test_split, mesh,
+                           embed_fn)
+  start = time.perf_counter()
+  if protocol.augment:
+    input_config = linear_protocols.augmented_input_config(
+        config.input, dataset, eval_config.train_split, protocol.batch_size)
+    params, summary = linear_protocols.fit_images(
+        protocol, input_config, features_fn, variables, train_x.shape[1],
+        num_classes, mesh, seed=config.seed, log_fn=log_fn)
+  else:
+    params, summary = linear_protocols.fit_features(
+        protocol, train_x, train_y, num_classes, mesh, seed=config.seed,
+        log_fn=log_fn)
+  logging.info("Trained the %s linear classifier in %.1f s.", protocol.name,
+               time.perf_counter() - start)
+  with jax.set_mesh(sharding.local_mesh()):  # Small: one device (see probe).
+    prepare = lambda x: np.asarray(
+        linear_protocols.classifier_inputs(protocol, jnp.asarray(x)))
+    result = topk_accuracy(params, prepare(test_x), test_y)
+    result["train_top1"] = topk_accuracy(params, prepare(train_x), train_y,
+                                         ks=(1,))["top1"]
+    result.update(_knn_scores(eval_config, train_x, train_y, test_x, test_y,
+                              num_classes))
+  result.update(_sizes(train_x, test_x))
+  result.update(protocol=protocol.name, hparams=summary)
   return result
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, model, state,
              mesh, logger=None) -> dict[str, Any]:
   """Linear evaluation of `state`'s encoder; writes `linear_eval.json`."""
+  name = config.linear_eval.protocol
+  linear_protocols.check_name(name)  # Before minutes of feature extraction.
   dataset = config.linear_eval.dataset or config.input.dataset
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  apply_features = jax.jit(
-      lambda variables, x: model.apply(variables, x, method=model.features),
-      out_shardings=sharding.batch_sharding(mesh))
-  result = probe(config, dataset, mesh,
-                 lambda x: apply_features(variables, x))
+  features_fn = lambda variables, x: model.apply(variables, x,
+                                                 method=model.features)
+  step = int(jax.device_get(state.step))
+  if name == linear_protocols.LBFGS:
+    apply_features = jax.jit(features_fn,
+                             out_shardings=sharding.batch_sharding(mesh))
+    result = probe(config, dataset, mesh,
+                   lambda x: apply_features(variables, x))
+    raw_probe = functools.partial(probe, config, dataset, mesh)
+  else:
+    log_fn = None
+    if logger is not None:
+      # TensorBoard only, one point per epoch of the classifier's training.
+      log_fn = lambda epoch, loss: logger.writer.write_scalars(
+          epoch, {f"linear_eval/{name}_train_loss": loss})
+    result = protocol_probe(config, dataset, mesh, features_fn, variables,
+                            log_fn)
+    raw_probe = functools.partial(protocol_probe, config, dataset, mesh)
   result.update(dataset=dataset, split=config.linear_eval.test_split,
-                step=int(jax.device_get(state.step)))
+                step=step)
   if config.linear_eval.raw_pixel_baseline:
-    raw = probe(config, dataset, mesh, embed_fn=None)
+    raw = raw_probe()
     result["raw_pixels"] = {k: v for k, v in raw.items()
                             if k in ("top1", "top5", "feature_dim")
                             or k.startswith("knn")}
