@@ -77,7 +77,7 @@ ROWS = {
               "configs/ce_fashion_mnist.py"),
     "simclr": Row("SimCLR", "NT-Xent, tau 0.2",
                   "configs/smoke_fashion_mnist.py:simclr"),
-    "supcon": Row("SupCon", "SupCon L_out, tau 0.1",
+    "supcon": Row("SupCon", "SupCon L_out, tau 0.2",
                   "configs/smoke_fashion_mnist.py:supcon", raw_pixels=True),
 }
 
