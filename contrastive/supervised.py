@@ -23,11 +23,9 @@ non-finite guard, SIGTERM preemption, metrics every `log_every_steps`.
 import functools
 import json
 import os
-import time
 from typing import Any
 
 from absl import logging
-from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,13 +37,11 @@ from contrastive import checkpoint
 from contrastive import config_checks
 from contrastive import metric_logging
 from contrastive import models
-from contrastive import nonfinite
 from contrastive import optim
-from contrastive import preemption
 from contrastive import run_dir
 from contrastive import sharding
 from contrastive import state as state_lib
-from contrastive import train
+from contrastive import training_loop
 from contrastive.data import input_pipeline
 from contrastive.evaluation import linear
 from contrastive.evaluation import online
@@ -301,8 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                      config.input.data_dir)
   num_train = input_pipeline.num_examples(
       config.input.dataset, config.input.train_split, config.input.data_dir)
-  total_steps, warmup_steps, steps_per_epoch = train.steps_for(config,
-                                                               num_train)
+  total_steps, warmup_steps, steps_per_epoch = training_loop.steps_for(
+      config, num_train)
   image_shape = (config.input.image_size, config.input.image_size,
                  info.features["image"].shape[-1])
   num_classes = info.features["label"].num_classes
@@ -323,103 +319,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                         mesh)
   state = _restore_or_create(config, workdir, manager, model, tx,
                              image_shape, num_classes, mesh, abstract_state)
-  start_step = int(jax.device_get(state.step))
 
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-  batch_shardings = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-  tally = jax.device_put(nonfinite.initial_tally(), replicated)
-  step_fn = jax.jit(
-      nonfinite.guard(
-          functools.partial(
-              train_step, model=model, tx=tx, schedule=schedule,
-              label_smoothing=config.supervised.label_smoothing),
-          config.nonfinite),
-      in_shardings=(state_shardings, replicated, batch_shardings),
-      out_shardings=(state_shardings, replicated, replicated),
-      donate_argnums=(0, 1))
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                           label_smoothing=config.supervised.label_smoothing)
 
-  # Batches are indexed by step, so a resumed run continues the same order.
-  dataset = input_pipeline.pretrain_dataset(
-      config.input, seed=config.seed, start_step=start_step)
-  batches = train._device_prefetch(  # pylint: disable=protected-access
-      dataset.as_numpy_iterator(), mesh)
-
-  def save(*, force=False):
-    # Never checkpoint a state that went through a non-finite step.
-    nonfinite.check(tally, config.nonfinite)
-    checkpoint.save(manager, state, force=force)
-
-  logger = metric_logging.MetricLogger(workdir)
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=logger.writer)
-  images_per_step = config.input.batch_size
-  eval_every = config.online_eval.every_steps
-
-  def evaluate_online():
+  def evaluate_online(state):
     # kNN on the encoder's features, and the classifier itself as the probe.
     return online.evaluate(
         config, model,
         {"params": state.params[ENCODER], "batch_stats": state.batch_stats},
         mesh, probe_params=state.params[CLASSIFIER])
 
-  last_metrics = {}
-  preempted = False
-  # Training wall time of this process: excludes compiling the first step
-  # and the periodic evaluation (the time axis of accuracy-vs-time plots).
-  train_seconds = 0.0
-  with jax.set_mesh(mesh), preemption.Watcher() as watcher:
-    timer_step, timer_start = start_step, time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, tally, metrics = step_fn(state, tally, next(batches))
-      report_progress(step)
-      if step == start_step + 1:
-        # Keep compilation out of the throughput and time figures.
-        jax.block_until_ready(state)
-        timer_step, timer_start = step, time.perf_counter()
-      log_now = step % config.log_every_steps == 0 or step == total_steps
-      eval_now = eval_every > 0 and (step % eval_every == 0
-                                     or step == total_steps)
-      if log_now or eval_now:
-        bad_steps = nonfinite.check(tally, config.nonfinite)
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - timer_start
-        train_seconds += elapsed
-        rate = (images_per_step * (step - timer_step) / elapsed
-                if step > timer_step else float("nan"))
-        metrics.update(images_per_sec=rate,
-                       images_per_sec_per_device=rate / mesh.size,
-                       epoch=step / steps_per_epoch,
-                       train_time_sec=train_seconds)
-        if config.nonfinite == "skip":
-          metrics["skipped_steps"] = bad_steps
-        if eval_now:
-          metrics.update(evaluate_online())
-        logger.write(step, metrics)
-        last_metrics = metrics
-        logging.info("step %d/%d: loss %.4f, train top-1 %.3f, %.1f "
-                     "images/s", step, total_steps, metrics["loss"],
-                     metrics["train_top1"], rate)
-        timer_step, timer_start = step, time.perf_counter()
-      if watcher.reached(step) and step != total_steps:
-        preempted = True
-        break
-      if step % config.checkpoint_every_steps == 0 and step != total_steps:
-        save()
-    # Stop the input pipeline's background threads before evaluating.
-    batches.close()
-    save(force=True)
-    manager.wait_until_finished()
-
-    final_step = int(jax.device_get(state.step))
-    result = {"train": last_metrics, "step": final_step,
-              "preempted": preempted}
-    if preempted:
-      logging.warning("Preempted: saved the checkpoint of step %d in %s; run "
-                      "the same command again to resume.", final_step,
-                      workdir)
-    else:
+  logger = metric_logging.MetricLogger(workdir)
+  state, last_metrics, preempted = training_loop.run(
+      config, step, state, state_shardings, mesh=mesh, manager=manager,
+      logger=logger, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, evaluate_online=evaluate_online,
+      headline_metric="train_top1")
+  final_step = int(jax.device_get(state.step))
+  result = {"train": last_metrics, "step": final_step,
+            "preempted": preempted}
+  if not preempted:
+    with jax.set_mesh(mesh):
       result["classifier"] = evaluate_classifier(config, model, state, mesh)
       logging.info("Classifier: %s", result["classifier"])
       logger.writer.write_scalars(final_step, {

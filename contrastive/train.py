@@ -9,12 +9,9 @@ through `shard_map` (see `contrastive/sharding.py`).
 """
 
 import functools
-import math
-import time
 from typing import Any
 
 from absl import logging
-from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,12 +23,11 @@ from contrastive import grad_cache
 from contrastive import losses
 from contrastive import metric_logging
 from contrastive import models
-from contrastive import nonfinite
 from contrastive import optim
-from contrastive import preemption
 from contrastive import run_dir
 from contrastive import sharding
 from contrastive import state as state_lib
+from contrastive import training_loop
 from contrastive.data import input_pipeline
 from contrastive.evaluation import linear
 from contrastive.evaluation import online
@@ -108,26 +104,6 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   return new_state, metrics
 
 
-def steps_for(config: ml_collections.ConfigDict,
-              num_train_examples: int) -> tuple[int, int, int]:
-  """(total_steps, warmup_steps, steps_per_epoch) from epochs or steps."""
-  steps_per_epoch = max(num_train_examples // config.input.batch_size, 1)
-  total = (config.total_steps if config.total_steps is not None
-           else math.ceil(config.total_epochs * steps_per_epoch))
-  warmup = math.ceil(config.optim.warmup_epochs * steps_per_epoch)
-  return total, warmup, steps_per_epoch
-
-
-def _device_prefetch(iterator, mesh, size: int = 2):
-  """Keeps `size` global batches in flight so host->device copies overlap."""
-  queue = []
-  for local in iterator:
-    queue.append(sharding.make_global_batch(mesh, local))
-    if len(queue) > size:
-      yield queue.pop(0)
-  yield from queue
-
-
 def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
                        manager, model, tx, image_shape, mesh, abstract_state,
                        probe_tx, num_classes):
@@ -151,10 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Pretrains (resuming from `workdir` if it holds a checkpoint), evaluates.
 
   A run resumed after any interruption is bitwise the run that was never
-  interrupted: the state comes from the checkpoint, the batch of step s is a
-  pure function of (seed, s) (see `input_pipeline`), and the step itself uses
-  no other randomness. On SIGTERM the run checkpoints after the current step
-  and returns early with `result["preempted"] = True`.
+  interrupted (see `training_loop`). On SIGTERM the run checkpoints after
+  the current step and returns early with `result["preempted"] = True`.
 
   Returns the final training metrics and, if enabled, the linear-eval result.
   """
@@ -171,7 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                      config.input.data_dir)
   num_train = input_pipeline.num_examples(
       config.input.dataset, config.input.train_split, config.input.data_dir)
-  total_steps, warmup_steps, steps_per_epoch = steps_for(config, num_train)
+  total_steps, warmup_steps, steps_per_epoch = training_loop.steps_for(
+      config, num_train)
   image_shape = (config.input.image_size, config.input.image_size,
                  info.features["image"].shape[-1])
   logging.info("Training %d steps (%d per epoch, warm-up %d) on %d devices, "
@@ -196,102 +171,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       num_classes=num_classes)
   state = _restore_or_create(config, workdir, manager, model, tx, image_shape,
                              mesh, abstract_state, probe_tx, num_classes)
-  start_step = int(jax.device_get(state.step))
 
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-  batch_shardings = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-  tally = jax.device_put(nonfinite.initial_tally(), replicated)
-  step_fn = jax.jit(
-      nonfinite.guard(
-          functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                            loss_config=config.loss, schedule=schedule,
-                            grad_cache_chunks=config.grad_cache_chunks,
-                            probe_tx=probe_tx),
-          config.nonfinite),
-      in_shardings=(state_shardings, replicated, batch_shardings),
-      out_shardings=(state_shardings, replicated, replicated),
-      donate_argnums=(0, 1))
+  step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                           loss_config=config.loss, schedule=schedule,
+                           grad_cache_chunks=config.grad_cache_chunks,
+                           probe_tx=probe_tx)
 
-  # Batches are indexed by step, so a resumed run continues the same order.
-  dataset = input_pipeline.pretrain_dataset(
-      config.input, seed=config.seed, start_step=start_step)
-  batches = _device_prefetch(dataset.as_numpy_iterator(), mesh)
-
-  def save(*, force=False):
-    # Never checkpoint a state that went through a non-finite step.
-    nonfinite.check(tally, config.nonfinite)
-    checkpoint.save(manager, state, force=force)
-
-  logger = metric_logging.MetricLogger(workdir)
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=logger.writer)
-  images_per_step = config.input.batch_size
-  eval_every = config.online_eval.every_steps
-
-  def evaluate_online(step):
+  def evaluate_online(state):
     return online.evaluate(
         config, model,
         {"params": state.params, "batch_stats": state.batch_stats}, mesh,
         probe_params=state.probe_params if config.online_eval.probe else None)
 
-  last_metrics = {}
-  preempted = False
-  # Training wall time of this process: excludes compiling the first step
-  # and the periodic evaluation (the time axis of accuracy-vs-time plots).
-  train_seconds = 0.0
-  with jax.set_mesh(mesh), preemption.Watcher() as watcher:
-    timer_step, timer_start = start_step, time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, tally, metrics = step_fn(state, tally, next(batches))
-      report_progress(step)
-      if step == start_step + 1:
-        # Keep compilation out of the throughput figure.
-        jax.block_until_ready(state)
-        timer_step, timer_start = step, time.perf_counter()
-      log_now = step % config.log_every_steps == 0 or step == total_steps
-      eval_now = eval_every > 0 and (step % eval_every == 0
-                                     or step == total_steps)
-      if log_now or eval_now:
-        bad_steps = nonfinite.check(tally, config.nonfinite)
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - timer_start
-        train_seconds += elapsed
-        rate = (images_per_step * (step - timer_step) / elapsed
-                if step > timer_step else float("nan"))
-        metrics.update(images_per_sec=rate,
-                       images_per_sec_per_device=rate / mesh.size,
-                       epoch=step / steps_per_epoch,
-                       train_time_sec=train_seconds)
-        if config.nonfinite == "skip":
-          metrics["skipped_steps"] = bad_steps
-        if eval_now:
-          metrics.update(evaluate_online(step))
-        logger.write(step, metrics)
-        last_metrics = metrics
-        logging.info("step %d/%d: loss %.4f, acc %.3f, %.1f images/s", step,
-                     total_steps, metrics["loss"],
-                     metrics["contrastive_acc"], rate)
-        timer_step, timer_start = step, time.perf_counter()
-      if watcher.reached(step) and step != total_steps:
-        preempted = True
-        break
-      if step % config.checkpoint_every_steps == 0 and step != total_steps:
-        save()
-    # Stop the input pipeline's background threads before evaluating.
-    batches.close()
-    save(force=True)
-    manager.wait_until_finished()
-
-    final_step = int(jax.device_get(state.step))
-    result = {"train": last_metrics, "step": final_step,
-              "preempted": preempted}
-    if preempted:
-      logging.warning("Preempted: saved the checkpoint of step %d in %s; run "
-                      "the same command again to resume.", final_step,
-                      workdir)
-    elif config.linear_eval.enabled:
+  logger = metric_logging.MetricLogger(workdir)
+  state, last_metrics, preempted = training_loop.run(
+      config, step, state, state_shardings, mesh=mesh, manager=manager,
+      logger=logger, total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch, evaluate_online=evaluate_online,
+      headline_metric="contrastive_acc")
+  result = {"train": last_metrics, "step": int(jax.device_get(state.step)),
+            "preempted": preempted}
+  if not preempted and config.linear_eval.enabled:
+    with jax.set_mesh(mesh):
       result["linear_eval"] = linear.evaluate(
           config, workdir, model, state, mesh, logger)
   logger.close()

@@ -1,0 +1,161 @@
+"""The loop both trainers share: steps, logging, online evaluation, saves.
+
+`train.py` (contrastive) and `supervised.py` (cross-entropy) differ in their
+step and state; everything around the step is here, so that both resume,
+checkpoint, guard against non-finite steps, stop on SIGTERM and log the
+same way:
+
+  state, last_metrics, preempted = training_loop.run(
+      config, step, state, state_shardings, mesh=mesh, manager=manager,
+      logger=logger, total_steps=..., steps_per_epoch=...,
+      evaluate_online=lambda state: {...}, headline_metric="train_top1")
+
+A run resumed after any interruption is bitwise the run that was never
+interrupted: the state comes from the checkpoint, the batch of step s is a
+pure function of (seed, s) (see `input_pipeline`), and the step itself uses
+no other randomness.
+"""
+
+from collections.abc import Callable, Iterator
+import math
+import time
+from typing import Any
+
+from absl import logging
+from clu import periodic_actions
+import jax
+import ml_collections
+
+from contrastive import checkpoint
+from contrastive import metric_logging
+from contrastive import nonfinite
+from contrastive import preemption
+from contrastive import sharding
+from contrastive.data import input_pipeline
+
+
+def steps_for(config: ml_collections.ConfigDict,
+              num_train_examples: int) -> tuple[int, int, int]:
+  """(total_steps, warmup_steps, steps_per_epoch) from epochs or steps."""
+  steps_per_epoch = max(num_train_examples // config.input.batch_size, 1)
+  total = (config.total_steps if config.total_steps is not None
+           else math.ceil(config.total_epochs * steps_per_epoch))
+  warmup = math.ceil(config.optim.warmup_epochs * steps_per_epoch)
+  return total, warmup, steps_per_epoch
+
+
+def device_prefetch(iterator, mesh, size: int = 2) -> Iterator[Any]:
+  """Keeps `size` global batches in flight so host->device copies overlap."""
+  queue = []
+  for local in iterator:
+    queue.append(sharding.make_global_batch(mesh, local))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue
+
+
+def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
+        state_shardings, *, mesh: jax.sharding.Mesh, manager,
+        logger: metric_logging.MetricLogger, total_steps: int,
+        steps_per_epoch: int,
+        evaluate_online: Callable[[Any], dict[str, float]],
+        headline_metric: str) -> tuple[Any, dict[str, float], bool]:
+  """Trains `state` from its step to `total_steps`; returns the outcome.
+
+  Args:
+    config: the run's config (input, logging and checkpoint cadence,
+      `nonfinite`, `online_eval.every_steps`).
+    step: the pure `(state, batch) -> (state, metrics)`; jitted here over
+      the mesh with the state donated and the batch sharded on `data`.
+    state: the state to continue from (restored or new).
+    state_shardings: the state's shardings.
+    mesh: the device mesh.
+    manager: the Orbax checkpoint manager of the workdir.
+    logger: where metrics go (metrics.jsonl and TensorBoard).
+    total_steps: the step to stop at.
+    steps_per_epoch: for the `epoch` metric.
+    evaluate_online: `state -> metrics` run every `online_eval.every_steps`
+      and at the last step, outside the training time.
+    headline_metric: the metric logged next to the loss.
+
+  Returns:
+    (state, the last logged metrics, whether SIGTERM stopped the run). The
+    final state is checkpointed either way.
+  """
+  start_step = int(jax.device_get(state.step))
+  replicated = sharding.replicated(mesh)
+  tally = jax.device_put(nonfinite.initial_tally(), replicated)
+  step_fn = jax.jit(
+      nonfinite.guard(step, config.nonfinite),
+      in_shardings=(state_shardings, replicated,
+                    sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, replicated, replicated),
+      donate_argnums=(0, 1))
+
+  # Batches are indexed by step, so a resumed run continues the same order.
+  dataset = input_pipeline.pretrain_dataset(
+      config.input, seed=config.seed, start_step=start_step)
+  batches = device_prefetch(dataset.as_numpy_iterator(), mesh)
+
+  def save(*, force=False):
+    # Never checkpoint a state that went through a non-finite step.
+    nonfinite.check(tally, config.nonfinite)
+    checkpoint.save(manager, state, force=force)
+
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=logger.writer)
+  images_per_step = config.input.batch_size
+  eval_every = config.online_eval.every_steps
+  last_metrics = {}
+  preempted = False
+  # Training wall time of this process: excludes compiling the first step
+  # and the periodic evaluation (the time axis of accuracy-vs-time plots).
+  train_seconds = 0.0
+  with jax.set_mesh(mesh), preemption.Watcher() as watcher:
+    timer_step, timer_start = start_step, time.perf_counter()
+    for step_number in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step_number):
+        state, tally, metrics = step_fn(state, tally, next(batches))
+      report_progress(step_number)
+      if step_number == start_step + 1:
+        # Keep compilation out of the throughput and time figures.
+        jax.block_until_ready(state)
+        timer_step, timer_start = step_number, time.perf_counter()
+      last = step_number == total_steps
+      log_now = step_number % config.log_every_steps == 0 or last
+      eval_now = eval_every > 0 and (step_number % eval_every == 0 or last)
+      if log_now or eval_now:
+        bad_steps = nonfinite.check(tally, config.nonfinite)
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - timer_start
+        train_seconds += elapsed
+        rate = (images_per_step * (step_number - timer_step) / elapsed
+                if step_number > timer_step else float("nan"))
+        metrics.update(images_per_sec=rate,
+                       images_per_sec_per_device=rate / mesh.size,
+                       epoch=step_number / steps_per_epoch,
+                       train_time_sec=train_seconds)
+        if config.nonfinite == "skip":
+          metrics["skipped_steps"] = bad_steps
+        if eval_now:
+          metrics.update(evaluate_online(state))
+        logger.write(step_number, metrics)
+        last_metrics = metrics
+        logging.info("step %d/%d: loss %.4f, %s %.3f, %.1f images/s",
+                     step_number, total_steps, metrics["loss"],
+                     headline_metric, metrics[headline_metric], rate)
+        timer_step, timer_start = step_number, time.perf_counter()
+      if watcher.reached(step_number) and not last:
+        preempted = True
+        break
+      if step_number % config.checkpoint_every_steps == 0 and not last:
+        save()
+    # Stop the input pipeline's background threads before evaluating.
+    batches.close()
+    save(force=True)
+    manager.wait_until_finished()
+  if preempted:
+    logging.warning("Preempted: saved the checkpoint of step %d in %s; run "
+                    "the same command again to resume.",
+                    int(jax.device_get(state.step)), manager.directory)
+  return state, last_metrics, preempted
