@@ -208,14 +208,13 @@ def markdown(results: list[dict], total_seconds: float) -> str:
 
 def plot(results: list[dict], path: str) -> None:
   figure, axis = plt.subplots(figsize=(7, 4.5))
-  for r in results:
-    colour = None
+  for index, r in enumerate(results):
+    colour = f"C{index}"
     if r["curve"]:
       times, knn_top1, _ = zip(*r["curve"])
-      (line,) = axis.plot([t / 60 for t in times],
-                          [100 * a for a in knn_top1], marker="o",
-                          markersize=3, label=f"{r['label']} (kNN, online)")
-      colour = line.get_color()
+      axis.plot([t / 60 for t in times], [100 * a for a in knn_top1],
+                marker="o", markersize=3, color=colour,
+                label=f"{r['label']} (kNN, online)")
     axis.scatter([r["train_seconds"] / 60], [100 * r["linear_top1"]],
                  marker="*", s=120, color=colour, zorder=3,
                  label=f"{r['label']} (linear, final)")
