@@ -6,7 +6,7 @@ linear classifier is trained:
   "lbfgs": a multinomial logistic regression on standardised features,
     fitted to convergence with full-batch L-BFGS (convex, so no
     learning-rate or epoch tuning). The minimal probe, and the default.
-  "simclr", "supcon", "moco": the papers' SGD protocols
+  "simclr", "supcon", "moco", "supcontrast": the papers' SGD protocols
     (`linear_protocols.py`), on cached features or on augmented images.
 Either way the classifier is scored on the test split, next to a weighted
 kNN on the same features. The result goes to `workdir/linear_eval.json`:
