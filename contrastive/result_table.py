@@ -83,6 +83,14 @@ ROWS = {
                   "configs/smoke_fashion_mnist.py:simclr"),
     "supcon": Row("SupCon", "SupCon L_out, tau 0.2",
                   "configs/smoke_fashion_mnist.py:supcon", raw_pixels=True),
+    "dcl": Row("DCL", "decoupled NT-Xent, tau 0.2",
+               "configs/smoke_fashion_mnist.py:dcl"),
+    "dclw": Row("DCLW", "decoupled NT-Xent, vMF weights, tau 0.2",
+                "configs/smoke_fashion_mnist.py:dclw"),
+    "eps_supinfonce": Row("epsilon-SupInfoNCE", "tau 0.2, eps 0.25",
+                          "configs/smoke_fashion_mnist.py:eps_supinfonce"),
+    "eps_supcon": Row("epsilon-SupCon", "tau 0.2, eps 0.25",
+                      "configs/smoke_fashion_mnist.py:eps_supcon"),
 }
 
 

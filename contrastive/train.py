@@ -2,7 +2,8 @@
 
 The step is a pure function of (state, batch); it is jitted once over the
 mesh with explicit shardings and the state donated. The batch is
-`{"image": f32[B, V, H, W, C], "label": i32[B]}`, sharded on B over `data`;
+`{"image": f32[B, V, H, W, C], "label": i32[B]}` (plus `"bias_label": i32[B]`
+from datasets with a bias attribute), sharded on B over `data`;
 views are folded into the batch for the encoder (global BN over all B*V
 views, as SimCLR) and unfolded for the loss, which meets the global batch
 through `shard_map` (see `contrastive/sharding.py`).
@@ -61,10 +62,22 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
     return outputs, new_model_state["batch_stats"]
 
   def loss_of_embeddings(outputs):
+    extra = {}
+    needs = losses.extra_inputs(loss_config.name)
+    if "features" in needs:
+      extra["features"] = outputs["features"]
+    if "bias_labels" in needs:
+      if "bias_label" not in batch:
+        raise ValueError(
+            f"Loss {loss_config.name!r} needs bias labels; train on a "
+            "dataset that has them (e.g. input.dataset="
+            "'biased_fashion_mnist/rho0.99').")
+      extra["bias_labels"] = batch["bias_label"]
     loss, loss_metrics = loss_fn(
         outputs["embedding"], labels, temperature=loss_config.temperature,
         loss_impl=loss_config.loss_impl,
-        block_size=loss_config.block_size or None, **loss_config.kwargs)
+        block_size=loss_config.block_size or None, **loss_config.kwargs,
+        **extra)
     return loss, (loss_metrics, jax.lax.stop_gradient(outputs["features"]))
 
   if grad_cache_chunks:

@@ -7,13 +7,18 @@ import os
 import ml_collections
 import pytest
 
+from contrastive import losses
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 PAPER_CONFIGS = sorted(
     os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
     if os.path.basename(p) not in ("__init__.py", "common.py", "cifar.py"))
 ARGS = {"simclr_imagenet": [None, "r50x2", "r50x4,epochs=1000"],
         "supcon_imagenet": [None, "r200"],
-        "smoke_fashion_mnist": ["simclr", "supcon"]}
+        "smoke_fashion_mnist": ["simclr", "supcon", "dcl", "dclw",
+                                "eps_supinfonce", "eps_supcon"],
+        "dcl_imagenet": [None, "dclw"],
+        "eps_supinfonce_cifar": [None, "cifar100,method=eps_supcon"]}
 
 
 def test_the_issue_configs_exist():
@@ -32,7 +37,7 @@ def test_config_loads_and_documents_itself(name):
     config = module.get_config(arg)
     assert isinstance(config, ml_collections.ConfigDict)
     assert config.input.batch_size > 0 and config.loss.temperature > 0
-    assert config.loss.name in ("simclr", "supcon")
+    assert config.loss.name in losses.names()
 
 
 def test_variants_change_the_setting():

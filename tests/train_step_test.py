@@ -18,7 +18,12 @@ IMAGE_SHAPE = (12, 12, 1)
 
 
 def _config(method):
-  config = smoke_fashion_mnist.get_config(method)
+  if method == "fairkl":
+    config = smoke_fashion_mnist.get_config("eps_supinfonce")
+    config.loss.name = "fairkl"
+    config.loss.kwargs = dict(epsilon=0.25, lambd=1.0, kld=1.0)
+  else:
+    config = smoke_fashion_mnist.get_config(method)
   config.model.width = 0.125
   config.model.head.hidden_dims = (32,)
   config.model.head.out_dim = 16
@@ -45,12 +50,15 @@ def _run_steps(config, mesh, batches, num_steps=2):
 
 @pytest.mark.parametrize("method,loss_impl", [
     ("simclr", "gather"), ("supcon", "gather"), ("supcon", "ring"),
+    ("dclw", "ring"), ("eps_supinfonce", "gather"), ("fairkl", "gather"),
     pytest.param("simclr", "blockwise", marks=pytest.mark.slow)])
 def test_eight_devices_equal_one(method, loss_impl):
   rng = np.random.default_rng(0)
   batches = [{
       "image": rng.uniform(size=(16, 2, *IMAGE_SHAPE)).astype(np.float32),
       "label": rng.integers(0, 4, size=16).astype(np.int32),
+      # Only the FairKL loss reads it; the others must ignore it.
+      "bias_label": rng.integers(0, 3, size=16).astype(np.int32),
   } for _ in range(2)]
   config = _config(method)
   one = sharding.make_mesh(devices=jax.devices()[:1])
@@ -62,6 +70,9 @@ def test_eight_devices_equal_one(method, loss_impl):
   state8, metrics8 = _run_steps(config, eight, batches)
   for m1, m8 in zip(metrics1, metrics8):
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    if method == "fairkl":
+      np.testing.assert_allclose(m8["fairkl"], m1["fairkl"], rtol=1e-4,
+                                 atol=1e-6)
   # The step changed the parameters and BN statistics, identically.
   assert int(state8.step) == 2
   flat1 = jax.tree.leaves_with_path(state1.params)
@@ -80,3 +91,12 @@ def test_eight_devices_equal_one(method, loss_impl):
            zip(jax.tree.leaves(initial.batch_stats),
                jax.tree.leaves(state8.batch_stats))]
   assert all(moved)
+
+
+def test_bias_label_loss_without_bias_labels_says_what_to_do():
+  config = _config("fairkl")
+  batch = {"image": np.zeros((8, 2, *IMAGE_SHAPE), np.float32),
+           "label": np.arange(8, dtype=np.int32) % 2}
+  with pytest.raises(ValueError, match="biased_fashion_mnist"):
+    _run_steps(config, sharding.make_mesh(devices=jax.devices()[:1]),
+               [batch], num_steps=1)

@@ -29,12 +29,19 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from contrastive.data import augment
-# Imported to register the `fashion_mnist_idx` builder with TFDS.
+# Imported to register the `fashion_mnist_idx` and `biased_fashion_mnist`
+# builders with TFDS.
+from contrastive.data import biased_fashion_mnist
 from contrastive.data import fashion_mnist
 
 # Builders whose source files are local: preparing them is cheap and needs no
 # network, so it happens on first use instead of being a manual step.
-_LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,)
+_LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,
+                   biased_fashion_mnist.BiasedFashionMnist)
+
+# Integer features carried into batches (as int32) when a dataset has them:
+# the class, and the bias attribute that debiasing losses (FairKL) need.
+_LABEL_KEYS = ("label", "bias_label")
 
 # Decoded images up to this many bytes per process are held in memory and
 # read by index (Fashion-MNIST: 47 MB, CIFAR-10: 150 MB): any step's batch is
@@ -127,9 +134,18 @@ def _options() -> tf.data.Options:
   return options
 
 
+def _label_keys(info: tfds.core.DatasetInfo) -> tuple[str, ...]:
+  """The `_LABEL_KEYS` among the dataset's features, in that order."""
+  return tuple(key for key in _LABEL_KEYS if key in info.features)
+
+
 def _read(builder: tfds.core.DatasetBuilder, split, *, shuffle_files: bool,
           seed: int | None = None) -> tf.data.Dataset:
-  """Reads (image, label) pairs; JPEG images stay encoded."""
+  """Reads (image, {label key: label}) pairs; JPEG images stay encoded.
+
+  The dict holds the dataset's `_LABEL_KEYS`: "label", plus "bias_label" for
+  datasets that have it.
+  """
   decoders = ({"image": tfds.decode.SkipDecoding()}
               if _is_jpeg(builder.info) else None)
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options(),
@@ -137,7 +153,8 @@ def _read(builder: tfds.core.DatasetBuilder, split, *, shuffle_files: bool,
   dataset = builder.as_dataset(split=split, shuffle_files=shuffle_files,
                                decoders=decoders, read_config=read_config)
   # Other features (e.g. ImageNet's file names) would only cost memory.
-  return dataset.map(lambda ex: (ex["image"], ex["label"]),
+  keys = _label_keys(builder.info)
+  return dataset.map(lambda ex: (ex["image"], {key: ex[key] for key in keys}),
                      num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -154,8 +171,8 @@ def dataset_info(dataset: str,
 
   Raises:
     FileNotFoundError: if the dataset is not prepared (or, for
-      `fashion_mnist_idx`, its source files are missing); the message says
-      how to get it.
+      `fashion_mnist_idx` and `biased_fashion_mnist`, its source files are
+      missing); the message says how to get it.
   """
   return _prepared_builder(dataset, data_dir).info
 
@@ -191,17 +208,17 @@ def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
 
 
 def _cached_shard(builder: tfds.core.DatasetBuilder,
-                  shard) -> tuple[tf.Tensor, tf.Tensor]:
-  """This process's whole shard as (images, labels) tensors, in file order."""
+                  shard) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  """This process's whole shard as (images, {key: labels}), in file order."""
   dataset = _read(builder, shard, shuffle_files=False)
   size = builder.info.splits[shard].num_examples
   return dataset.batch(size).get_single_element()
 
 
-def _indexed_examples(images: tf.Tensor, labels: tf.Tensor, *,
+def _indexed_examples(images: tf.Tensor, labels: dict[str, tf.Tensor], *,
                       local_batch_size: int, start_step: int,
                       seed: tf.Tensor) -> tf.data.Dataset:
-  """(position, (image, label)) from `start_step` on, epochs permuted by seed.
+  """(position, (image, labels)) from `start_step` on, epochs permuted by seed.
 
   An epoch is the largest whole number of local batches in the shard; the
   few examples left over differ from epoch to epoch.
@@ -214,7 +231,9 @@ def _indexed_examples(images: tf.Tensor, labels: tf.Tensor, *,
     permutation_seed = tf.random.experimental.stateless_fold_in(seed, epoch)
     index = tf.random.experimental.index_shuffle(
         offset, permutation_seed, max_index=shard_size - 1)
-    return position, (tf.gather(images, index), tf.gather(labels, index))
+    return position, (tf.gather(images, index),
+                      {key: tf.gather(value, index)
+                       for key, value in labels.items()})
 
   positions = tf.data.Dataset.range(start_step * local_batch_size, 2**62)
   return positions.map(lookup, num_parallel_calls=tf.data.AUTOTUNE)
@@ -223,7 +242,7 @@ def _indexed_examples(images: tf.Tensor, labels: tf.Tensor, *,
 def _streamed_examples(builder: tfds.core.DatasetBuilder, shard, *,
                        shuffle_buffer: int, local_batch_size: int,
                        start_step: int, seed: int) -> tf.data.Dataset:
-  """(position, (image, label)) replaying one seeded stream, skipping ahead.
+  """(position, (image, labels)) replaying one seeded stream, skipping ahead.
 
   For datasets too large to hold in memory: the same seed gives the same
   sequence of records on every run, and the records before `start_step` are
@@ -254,9 +273,10 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
 
   Returns:
     A dataset of {"image": float32 [b, views, S, S, C] in [0, 1],
-    "label": int32 [b]}, b = batch_size // process_count. The split is cut
-    into process_count equal shards (dropping at most process_count - 1
-    examples) and each process reads only its own.
+    "label": int32 [b]}, plus "bias_label": int32 [b] for datasets that have
+    it (e.g. `biased_fashion_mnist`); b = batch_size // process_count. The
+    split is cut into process_count equal shards (dropping at most
+    process_count - 1 examples) and each process reads only its own.
   """
   process_index, process_count = _process_shard(process_index, process_count)
   local_batch_size = _local_batch_size(input_config.batch_size, process_count)
@@ -295,7 +315,7 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
   view_kwargs = _view_kwargs(input_config.augment)
 
   def make_views(position, example):
-    image, label = example
+    image, labels = example
     example_seed = tf.random.experimental.stateless_fold_in(stream_seed,
                                                             position)
     view_seeds = tf.random.experimental.stateless_split(example_seed,
@@ -307,7 +327,7 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
         for v in range(num_views)
     ]
     return {"image": tf.stack(views, axis=0),
-            "label": tf.cast(label, tf.int32)}
+            **{key: tf.cast(value, tf.int32) for key, value in labels.items()}}
 
   dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.batch(local_batch_size, drop_remainder=True,
@@ -332,8 +352,9 @@ def eval_dataset(dataset: str, split: str, *, global_batch_size: int,
 
   Returns:
     A finite dataset of {"image": float32 [b, S, S, C] in [0, 1],
-    "label": int32 [b], "mask": bool [b]}, b = global_batch_size //
-    process_count. Every example of the split appears exactly once with mask
+    "label": int32 [b], "mask": bool [b]}, plus "bias_label": int32 [b] for
+    datasets that have it; b = global_batch_size // process_count. Every
+    example of the split appears exactly once with mask
     True across processes; padding (zeros, mask False) fills the last batches
     so that every batch has the same shape and every process yields the same
     number of batches (a multi-host eval step would otherwise hang).
@@ -356,18 +377,18 @@ def eval_dataset(dataset: str, split: str, *, global_batch_size: int,
   crop_fraction = (augment.EVAL_CROP_FRACTION if None in image_shape[:2]
                    else None)
 
-  def preprocess(image, label):
+  def preprocess(image, labels):
     image = augment.eval_view(image, size=image_size,
                               crop_fraction=crop_fraction, encoded=encoded,
                               channels=channels)
     return {"image": tf.ensure_shape(image, [image_size, image_size,
                                              channels]),
-            "label": tf.cast(label, tf.int32),
+            **{key: tf.cast(value, tf.int32) for key, value in labels.items()},
             "mask": tf.constant(True)}
 
   padding = tf.data.Dataset.from_tensors({
       "image": tf.zeros([image_size, image_size, channels], tf.float32),
-      "label": tf.constant(0, tf.int32),
+      **{key: tf.constant(0, tf.int32) for key in _label_keys(info)},
       "mask": tf.constant(False),
   }).repeat(num_batches * local_batch_size - shard_size)
   examples = padding

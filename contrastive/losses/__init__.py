@@ -13,12 +13,21 @@ over mesh axis `data`, over the global batch.
 Every loss also takes `loss_impl="gather" | "blockwise" | "ring"` and
 `block_size`: how the anchors meet the global batch, with the same value and
 gradient but per-device memory O(local * global), O(local * block + global *
-dim) or O(local * dim) (see `streaming.py`).
+dim) or O(local * dim) (see `streaming.py`). Options that need every
+(anchor, positive) pair (`eps_supinfonce`, SupCon's `one_positive`
+denominator and `positives_cap`) run with "gather" only and say so.
+
+All of them are members of one masked, weighted InfoNCE kernel
+(`infonce.py`): SimCLR and SupCon (`supcon.py`), DCL and DCLW (`dcl.py`),
+epsilon-SupInfoNCE and epsilon-SupCon (`unbiased.py`, with the FairKL
+regulariser).
 """
 
 from collections.abc import Callable
 
+from contrastive.losses import dcl
 from contrastive.losses import supcon
+from contrastive.losses import unbiased
 
 # name -> (loss, loss_with_metrics). The second returns `(loss, metrics)`,
 # metrics a dict of float32 scalars: `contrastive_acc`, `pos_logit`,
@@ -26,12 +35,33 @@ from contrastive.losses import supcon
 _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "simclr": (supcon.simclr, supcon.simclr_with_metrics),
     "supcon": (supcon.supcon, supcon.supcon_with_metrics),
+    "dcl": (dcl.dcl, dcl.dcl_with_metrics),
+    "dclw": (dcl.dclw, dcl.dclw_with_metrics),
+    "eps_supinfonce": (unbiased.eps_supinfonce,
+                       unbiased.eps_supinfonce_with_metrics),
+    "eps_supcon": (unbiased.eps_supcon, unbiased.eps_supcon_with_metrics),
+    "fairkl": (unbiased.fairkl, unbiased.fairkl_with_metrics),
+}
+
+# Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
+# trainer supplies: "features" (the encoder's [batch, views, dim] output
+# before the projection head) and "bias_labels" (the batch's `bias_label`,
+# from a dataset that has one).
+EXTRA_INPUTS = ("features", "bias_labels")
+_EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
+    "fairkl": ("features", "bias_labels"),
 }
 
 
 def names() -> list[str]:
   """The registered loss names, sorted."""
   return sorted(_REGISTRY)
+
+
+def extra_inputs(name: str) -> tuple[str, ...]:
+  """The inputs of `EXTRA_INPUTS` that loss `name` needs (often none)."""
+  _lookup(name)
+  return _EXTRA_INPUTS.get(name, ())
 
 
 def _lookup(name: str):

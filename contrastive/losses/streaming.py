@@ -7,10 +7,14 @@ already divided by the temperature), only a few per-anchor numbers:
   lse       log sum_{j in D(i)} exp(s_ij)        D(i): every column but i
   pos_sum   sum_{j in P(i)} s_ij                 P(i): D(i) with i's label
   pos_lse   log sum_{j in P(i)} exp(s_ij)        (0 where P(i) is empty)
+  neg_lse   log sum_{j in N(i)} exp(s_ij)        N(i) = D(i) \\ P(i)
+                                                 (-inf where N(i) is empty)
   num_pos   |P(i)|,  num_den |D(i)|,  logit_sum sum_{j in D(i)} s_ij,
   best_is_pos  whether the best-scoring column of D(i) is in P(i)
 
-The first three carry gradients; the rest are counts and monitoring. Three
+The first four carry gradients; the rest are counts and monitoring
+(`pos_lse` and `neg_lse` cost an exp per logit, so they are computed only
+when asked for, see `Needs`). Three
 implementations give the same numbers (`IMPLS`):
 
 * `gather`: all-gather the embeddings and materialise the `[n, N]` logits
@@ -58,11 +62,19 @@ class Stats(NamedTuple):
   lse: jax.Array
   pos_sum: jax.Array
   pos_lse: jax.Array
+  neg_lse: jax.Array
   num_pos: jax.Array
   num_den: jax.Array
   logit_sum: jax.Array
   best: jax.Array
   best_is_pos: jax.Array
+
+
+class Needs(NamedTuple):
+  """Which optional log-sum-exps to compute; the others are placeholders
+  (pos_lse 0, neg_lse -inf) without gradient."""
+  pos_lse: bool = False
+  neg_lse: bool = False
 
 
 class Anchors(NamedTuple):
@@ -111,7 +123,7 @@ def _masked_lse(logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _block_stats(anchors: Anchors, columns: Columns,
-                 need_pos_lse: bool) -> Stats:
+                 needs: Needs) -> Stats:
   logits = _logits(anchors.z, columns.z)
   denominator, positive = _masks(anchors, columns.labels, columns.ids)
   masked = jnp.where(denominator, logits, -jnp.inf)
@@ -120,7 +132,9 @@ def _block_stats(anchors: Anchors, columns: Columns,
   return Stats(
       lse=jax.nn.logsumexp(masked, axis=1),
       pos_sum=jnp.where(positive, logits, 0.0).sum(axis=1),
-      pos_lse=(_masked_lse(logits, positive) if need_pos_lse
+      pos_lse=(_masked_lse(logits, positive) if needs.pos_lse
+               else zeros - jnp.inf),
+      neg_lse=(_masked_lse(logits, denominator & ~positive) if needs.neg_lse
                else zeros - jnp.inf),
       num_pos=positive.sum(axis=1).astype(jnp.float32),
       num_den=denominator.sum(axis=1).astype(jnp.float32),
@@ -139,6 +153,7 @@ def _merge(a: Stats, b: Stats) -> Stats:
       lse=jnp.logaddexp(a.lse, b.lse),
       pos_sum=a.pos_sum + b.pos_sum,
       pos_lse=jnp.logaddexp(a.pos_lse, b.pos_lse),
+      neg_lse=jnp.logaddexp(a.neg_lse, b.neg_lse),
       num_pos=a.num_pos + b.num_pos,
       num_den=a.num_den + b.num_den,
       logit_sum=a.logit_sum + b.logit_sum,
@@ -147,10 +162,11 @@ def _merge(a: Stats, b: Stats) -> Stats:
   )
 
 
-def _finalize(stats: Stats, need_pos_lse: bool) -> Stats:
+def _finalize(stats: Stats, needs: Needs) -> Stats:
   # An anchor without positives has pos_lse = -inf; 0 keeps every later
-  # expression finite (its loss term is masked out by the caller).
-  keep = stats.num_pos > 0 if need_pos_lse else False
+  # expression finite (its loss term is masked out by the caller). An anchor
+  # without negatives keeps neg_lse = -inf: its exp, 0, is the right value.
+  keep = stats.num_pos > 0 if needs.pos_lse else False
   return stats._replace(pos_lse=jnp.where(keep, stats.pos_lse, 0.0))
 
 
@@ -173,17 +189,17 @@ def _empty_stats(anchors: Anchors) -> Stats:
   # mesh axis like the values merged into it.
   zeros = jnp.zeros_like(anchors.z[:, 0])
   return Stats(lse=zeros - jnp.inf, pos_sum=zeros, pos_lse=zeros - jnp.inf,
-               num_pos=zeros, num_den=zeros, logit_sum=zeros,
+               neg_lse=zeros - jnp.inf, num_pos=zeros, num_den=zeros, logit_sum=zeros,
                best=zeros - jnp.inf, best_is_pos=zeros)
 
 
 def _stream(anchors: Anchors, columns: Columns, block: int,
-            need_pos_lse: bool, stats: Stats | None = None) -> Stats:
+            needs: Needs, stats: Stats | None = None) -> Stats:
   """Merges the stats of `columns`, block by block, into `stats`."""
 
   def body(carry, block_columns):
     return _merge(carry, _block_stats(anchors, block_columns,
-                                      need_pos_lse)), None
+                                      needs)), None
 
   if stats is None:
     stats = _empty_stats(anchors)
@@ -192,7 +208,7 @@ def _stream(anchors: Anchors, columns: Columns, block: int,
 
 
 def _logit_cotangent(anchors: Anchors, columns: Columns, stats: Stats,
-                     cotangent: Stats, need_pos_lse: bool) -> jax.Array:
+                     cotangent: Stats, needs: Needs) -> jax.Array:
   """d loss / d s_ij for one block, from the cotangents of lse/pos_*."""
   logits = _logits(anchors.z, columns.z)
   denominator, positive = _masks(anchors, columns.labels, columns.ids)
@@ -200,14 +216,18 @@ def _logit_cotangent(anchors: Anchors, columns: Columns, stats: Stats,
                               -jnp.inf))
   d_logits = (cotangent.lse[:, None] * softmax
               + cotangent.pos_sum[:, None] * positive)
-  if need_pos_lse:
+  if needs.pos_lse:
     d_logits += cotangent.pos_lse[:, None] * jnp.exp(
         jnp.where(positive, logits - stats.pos_lse[:, None], -jnp.inf))
+  if needs.neg_lse:
+    d_logits += cotangent.neg_lse[:, None] * jnp.exp(
+        jnp.where(denominator & ~positive, logits - stats.neg_lse[:, None],
+                  -jnp.inf))
   return d_logits
 
 
 def _stream_backward(anchors: Anchors, columns: Columns, stats: Stats,
-                     cotangent: Stats, block: int, need_pos_lse: bool,
+                     cotangent: Stats, block: int, needs: Needs,
                      d_anchor_z: jax.Array):
   """Adds this column set's share to d anchors; returns (d anchors, d cols)."""
   m = columns.z.shape[0]
@@ -215,7 +235,7 @@ def _stream_backward(anchors: Anchors, columns: Columns, stats: Stats,
 
   def body(d_anchor, block_columns):
     d_logits = _logit_cotangent(anchors, block_columns, stats, cotangent,
-                                need_pos_lse)
+                                needs)
     precision = jax.lax.Precision.HIGHEST
     d_anchor = d_anchor + jnp.matmul(d_logits, block_columns.z,
                                      precision=precision)
@@ -257,22 +277,22 @@ def _custom_stats(compute, gradient):
 
 
 @functools.lru_cache(maxsize=None)
-def _blockwise_fn(block: int, need_pos_lse: bool):
+def _blockwise_fn(block: int, needs: Needs):
   """Stats against columns that are all present (e.g. all-gathered)."""
 
   def compute(anchors, columns):
-    return _finalize(_stream(anchors, columns, block, need_pos_lse),
-                     need_pos_lse)
+    return _finalize(_stream(anchors, columns, block, needs),
+                     needs)
 
   def gradient(anchors, columns, stats, cotangent):
     return _stream_backward(anchors, columns, stats, cotangent, block,
-                            need_pos_lse, jnp.zeros_like(anchors.z))
+                            needs, jnp.zeros_like(anchors.z))
 
   return _custom_stats(compute, gradient)
 
 
 @functools.lru_cache(maxsize=None)
-def _ring_fn(block: int, need_pos_lse: bool, axis_name: str,
+def _ring_fn(block: int, needs: Needs, axis_name: str,
              num_devices: int):
   """Like `_blockwise_fn`, with the columns this device's shard only."""
   # Device d sends to d + 1: after k hops, device d holds the columns of
@@ -284,28 +304,28 @@ def _ring_fn(block: int, need_pos_lse: bool, axis_name: str,
     return jax.lax.ppermute(tree, axis_name, permutation)
 
   def compute(anchors, columns):
-    stats = _stream(anchors, columns, block, need_pos_lse)
+    stats = _stream(anchors, columns, block, needs)
 
     def hop(carry, _):
       columns, stats = carry
       columns = send(columns)
-      return (columns, _stream(anchors, columns, block, need_pos_lse,
+      return (columns, _stream(anchors, columns, block, needs,
                                stats)), None
 
     (_, stats), _ = jax.lax.scan(hop, (columns, stats), None,
                                  length=num_devices - 1, unroll=unroll)
-    return _finalize(stats, need_pos_lse)
+    return _finalize(stats, needs)
 
   def gradient(anchors, columns, stats, cotangent):
     d_anchor, d_columns = _stream_backward(
-        anchors, columns, stats, cotangent, block, need_pos_lse,
+        anchors, columns, stats, cotangent, block, needs,
         jnp.zeros_like(anchors.z))
 
     def hop(carry, _):
       columns, d_columns, d_anchor = carry
       columns, d_columns = send((columns, d_columns))
       d_anchor, d_here = _stream_backward(
-          anchors, columns, stats, cotangent, block, need_pos_lse, d_anchor)
+          anchors, columns, stats, cotangent, block, needs, d_anchor)
       return (columns, d_columns + d_here, d_anchor), None
 
     (_, d_columns, d_anchor), _ = jax.lax.scan(
@@ -319,20 +339,28 @@ def _ring_fn(block: int, need_pos_lse: bool, axis_name: str,
 
 
 def dense_stats(anchors: Anchors, columns: Columns,
-                need_pos_lse: bool = True) -> Stats:
+                needs: Needs = Needs(pos_lse=True, neg_lse=True)) -> Stats:
   """The `gather` statistics: one [n, m] logits matrix, plain autodiff."""
   logits = _logits(anchors.z, columns.z)
   denominator, positive = _masks(anchors, columns.labels, columns.ids)
   num_pos = positive.sum(axis=1)
   has_positive = num_pos > 0
   zeros = jnp.zeros_like(anchors.z[:, 0])
-  if need_pos_lse:
+  if needs.pos_lse:
     # Anchors without positives get a stand-in positive set so that the zero
     # cotangent of their (masked) term cannot become 0 * inf = NaN.
     safe_positive = jnp.where(has_positive[:, None], positive, denominator)
     pos_lse = jnp.where(has_positive, _masked_lse(logits, safe_positive), 0.0)
   else:
     pos_lse = zeros
+  if needs.neg_lse:
+    negative = denominator & ~positive
+    has_negative = negative.any(axis=1)
+    safe_negative = jnp.where(has_negative[:, None], negative, denominator)
+    neg_lse = jnp.where(has_negative, _masked_lse(logits, safe_negative),
+                        -jnp.inf)
+  else:
+    neg_lse = zeros - jnp.inf
   masked = jnp.where(denominator, logits, -jnp.inf)
   masked_ng = jax.lax.stop_gradient(masked)
   best_index = jnp.argmax(masked_ng, axis=1)
@@ -340,6 +368,7 @@ def dense_stats(anchors: Anchors, columns: Columns,
       lse=jax.nn.logsumexp(masked, axis=1),
       pos_sum=jnp.where(positive, logits, 0.0).sum(axis=1),
       pos_lse=pos_lse,
+      neg_lse=neg_lse,
       num_pos=num_pos.astype(jnp.float32),
       num_den=denominator.sum(axis=1).astype(jnp.float32),
       logit_sum=jnp.where(denominator, masked_ng, 0.0).sum(axis=1),
@@ -352,7 +381,7 @@ def dense_stats(anchors: Anchors, columns: Columns,
 def anchor_stats(anchors: Anchors, local_columns: Columns, *,
                  axis_name: str | None, impl: str = "gather",
                  block_size: int | None = None,
-                 need_pos_lse: bool = True) -> Stats:
+                 needs: Needs = Needs(pos_lse=True)) -> Stats:
   """Stats of this device's anchors against the global contrast set.
 
   Args:
@@ -364,11 +393,12 @@ def anchor_stats(anchors: Anchors, local_columns: Columns, *,
     impl: one of `IMPLS`.
     block_size: columns per block for `blockwise` / `ring`; None or 0 picks
       `default_block_size`.
-    need_pos_lse: whether `pos_lse` is needed (L_in); skipping it saves an
-      exp per logit in `blockwise` / `ring`.
+    needs: which of `pos_lse` (L_in) and `neg_lse` (denominators without
+      positives) to compute; each costs an exp per logit.
 
   Returns:
-    `Stats` of the anchors, differentiable in `lse`, `pos_sum`, `pos_lse`.
+    `Stats` of the anchors, differentiable in `lse`, `pos_sum`, `pos_lse`,
+    `neg_lse`.
   """
   if impl not in IMPLS:
     raise ValueError(f"Unknown loss_impl {impl!r}; use one of {IMPLS}.")
@@ -379,14 +409,14 @@ def anchor_stats(anchors: Anchors, local_columns: Columns, *,
   if impl == "ring" and num_devices > 1:
     block = block_size or default_block_size(*anchors.z.shape[:1],
                                              *local_columns.z.shape)
-    return _ring_fn(block, need_pos_lse, axis_name, num_devices)(
+    return _ring_fn(block, needs, axis_name, num_devices)(
         *anchors, *local_columns)
   columns = local_columns
   if axis_name is not None:
     columns = jax.tree.map(
         lambda x: jax.lax.all_gather(x, axis_name, tiled=True), columns)
   if impl == "gather":
-    return dense_stats(anchors, columns, need_pos_lse)
+    return dense_stats(anchors, columns, needs)
   block = block_size or default_block_size(*anchors.z.shape[:1],
                                            *columns.z.shape)
-  return _blockwise_fn(block, need_pos_lse)(*anchors, *columns)
+  return _blockwise_fn(block, needs)(*anchors, *columns)

@@ -9,7 +9,9 @@ has index `i * views + v`). With `I` all `batch * views` views, `A(i) = I \\
   L_in_i  = -log(1/|P(i)| sum_{p in P(i)} exp(s_ip) / sum_{a in A(i)} exp(s_ia))
 
 The loss is the mean over anchors with at least one positive. Without labels
-every sample is its own class, which is SimCLR's NT-Xent.
+every sample is its own class, which is SimCLR's NT-Xent. Both are members of
+the masked InfoNCE family in `infonce.py`, as are the TF code's
+`denominator_mode` and `positives_cap` options exposed here.
 
 Under an ambient mesh the work is split by anchors: each device scores its own
 rows against the all-gathered contrast set (`[local anchors, batch * views]`
@@ -30,14 +32,16 @@ import jax
 import jax.numpy as jnp
 
 from contrastive import sharding
-from contrastive.losses import streaming
+from contrastive.losses import infonce
 
-VARIANTS = ("out", "in")
-CONTRAST_MODES = ("all", "one")
+VARIANTS = infonce.SUMMATIONS
+CONTRAST_MODES = infonce.CONTRAST_MODES
+DENOMINATOR_MODES = infonce.DENOMINATORS
 
 
-def _validate(z: jax.Array, labels: jax.Array | None, temperature,
-              base_temperature, variant: str, contrast_mode: str) -> None:
+def validate_inputs(z: jax.Array, labels: jax.Array | None,
+                    **temperatures) -> None:
+  """Shape and temperature checks shared by the in-batch losses."""
   if z.ndim != 3:
     raise ValueError(
         f"z must be float[batch, views, dim], got shape {z.shape}; reshape "
@@ -52,96 +56,49 @@ def _validate(z: jax.Array, labels: jax.Array | None, temperature,
         f"shape {z.shape}, got {labels.shape}; pass one class id per sample, "
         "not per view.")
   # Traced temperatures (e.g. a learned one) cannot be checked here.
-  for name, value in (("temperature", temperature),
-                      ("base_temperature", base_temperature)):
+  for name, value in temperatures.items():
     if isinstance(value, numbers.Real) and value <= 0:
       raise ValueError(f"{name} must be > 0, got {value}.")
+
+
+def _spec(variant: str, contrast_mode: str, denominator_mode: str,
+          positives_cap: int, margin: float = 0.0) -> infonce.Spec:
   if variant not in VARIANTS:
     raise ValueError(
         f"Unknown SupCon variant {variant!r}; use one of {VARIANTS} "
         "('out' is the paper's recommended L_out).")
-  if contrast_mode not in CONTRAST_MODES:
-    raise ValueError(
-        f"Unknown contrast_mode {contrast_mode!r}; use one of "
-        f"{CONTRAST_MODES}.")
+  return infonce.Spec(summation=variant, denominator=denominator_mode,
+                      margin=margin, positives_cap=positives_cap,
+                      contrast_mode=contrast_mode)
 
 
-def _supcon_kernel(z: jax.Array, labels: jax.Array, *,
-                   axis_name: str | None, temperature, variant: str,
-                   contrast_mode: str, loss_impl: str, block_size):
-  """Mean loss and metrics over the global batch, from this device's anchors.
+def family_loss(z: jax.Array, labels: jax.Array | None, *, temperature,
+                spec: infonce.Spec, loss_impl: str, block_size,
+                alignment_weight: jax.Array | None = None):
+  """The kernel over the global batch: `(loss, metrics)`.
 
-  Args:
-    z: float[local_batch, views, dim], this device's rows.
-    labels: int[local_batch], global class ids.
-    axis_name: mesh axis the batch is sharded over, or None for one device.
-    temperature: softmax temperature.
-    variant: "out" or "in".
-    contrast_mode: "all" or "one".
-    loss_impl: "gather", "blockwise" or "ring" (see `streaming`).
-    block_size: columns per block of the streamed impls (None: automatic).
-
-  Returns:
-    (mean loss over valid anchors, unscaled by the base temperature; dict of
-    metrics), both already reduced over `axis_name`.
+  `labels=None` gives every sample its own class; built on the global batch
+  so that the ids stay unique once sharded.
   """
-  local_batch, views, dim = z.shape
-  # Logits, log-sum-exps and sums in float32 whatever the embedding dtype:
-  # bf16 has too few mantissa bits for a softmax over thousands of columns.
-  z = z.astype(jnp.float32)
-  offset = 0 if axis_name is None else (
-      jax.lax.axis_index(axis_name) * local_batch)
-  view_ids = (offset * views + jnp.arange(local_batch * views)).astype(
-      jnp.int32)
-  columns = streaming.Columns(z.reshape(local_batch * views, dim),
-                              jnp.repeat(labels, views), view_ids)
-  # Dividing the anchors (not the logits) by the temperature keeps it a
-  # differentiable input however the logits are computed.
-  if contrast_mode == "all":
-    anchors = streaming.Anchors(columns.z / temperature, columns.labels,
-                                view_ids)
-  else:
-    anchors = streaming.Anchors(z[:, 0] / temperature, labels,
-                                view_ids[::views])
-  stats = streaming.anchor_stats(anchors, columns, axis_name=axis_name,
-                                 impl=loss_impl, block_size=block_size,
-                                 need_pos_lse=variant == "in")
-
-  valid = stats.num_pos > 0
-  # The maximum only guards anchors without positives, which are masked out.
-  num_pos = jnp.maximum(stats.num_pos, 1.0)
-  if variant == "out":
-    per_anchor = stats.lse - stats.pos_sum / num_pos
-  else:
-    per_anchor = stats.lse - stats.pos_lse + jnp.log(num_pos)
-
-  # Metrics are monitoring only; no gradient should leak through them.
-  pos_sum = jax.lax.stop_gradient(stats.pos_sum)
-  sums = {
-      "loss": jnp.where(valid, per_anchor, 0.0).sum(),
-      "valid": valid.sum().astype(jnp.float32),
-      "correct": jnp.where(valid, stats.best_is_pos, 0.0).sum(),
-      "pos_logit": pos_sum.sum(),
-      "num_pos": stats.num_pos.sum(),
-      "neg_logit": (stats.logit_sum - pos_sum).sum(),
-      "num_neg": (stats.num_den - stats.num_pos).sum(),
-  }
-  if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name)
-  # The maximum only matters when no anchor has a positive: the sum is then 0
-  # and so is the loss (with zero gradient), not 0 / 0.
-  loss = sums["loss"] / jnp.maximum(sums["valid"], 1.0)
-  metrics = {
-      "contrastive_acc": sums["correct"] / jnp.maximum(sums["valid"], 1.0),
-      "pos_logit": sums["pos_logit"] / jnp.maximum(sums["num_pos"], 1.0),
-      "neg_logit": sums["neg_logit"] / jnp.maximum(sums["num_neg"], 1.0),
-  }
-  return loss, metrics
+  spec.validate(z.shape[1])
+  if labels is None:
+    labels = jnp.arange(z.shape[0], dtype=jnp.int32)
+  kernel = functools.partial(infonce.kernel, temperature=temperature,
+                             spec=spec, loss_impl=loss_impl,
+                             block_size=block_size)
+  args = [z, jnp.asarray(labels, jnp.int32)]
+  if alignment_weight is not None:
+    args.append(alignment_weight)
+  return sharding.map_batch_shards(
+      lambda *a, axis_name: kernel(
+          *a[:2], axis_name=axis_name,
+          alignment_weight=a[2] if len(a) > 2 else None), *args)
 
 
 def supcon_with_metrics(
     z: jax.Array, labels: jax.Array | None = None, *, temperature,
     base_temperature=None, variant: str = "out", contrast_mode: str = "all",
+    denominator_mode: str = "all", positives_cap: int = -1,
     loss_impl: str = "gather", block_size: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SupCon loss and monitoring metrics.
@@ -159,6 +116,14 @@ def supcon_with_metrics(
     variant: "out" (L_out, Eq. 2; the paper's choice) or "in" (L_in, Eq. 3).
     contrast_mode: "all" (every view is an anchor) or "one" (only view 0 of
       each sample is; the contrast set is still every view).
+    denominator_mode: which positives the denominator holds, as in the TF
+      code: "all" (every positive; the paper), "one_positive" (only the
+      numerator's) or "only_negatives" (none). "one_positive" needs
+      loss_impl="gather".
+    positives_cap: at most this many views of other samples are positives
+      (the first same-class samples in global batch order; a multiple of
+      the views); the dropped ones leave the denominator too. -1: no cap.
+      Needs loss_impl="gather".
     loss_impl: how the global batch is met (same value and gradient):
       "gather" materialises each device's [anchors, global views] logits;
       "blockwise" streams them in column blocks (memory O(anchors * block +
@@ -178,15 +143,12 @@ def supcon_with_metrics(
     ValueError: on a bad shape, temperature, variant, contrast_mode or
       loss_impl (the last from `streaming.anchor_stats`).
   """
-  _validate(z, labels, temperature, base_temperature, variant, contrast_mode)
-  if labels is None:
-    # Built on the global batch so that the ids stay unique once sharded.
-    labels = jnp.arange(z.shape[0], dtype=jnp.int32)
-  kernel = functools.partial(_supcon_kernel, temperature=temperature,
-                             variant=variant, contrast_mode=contrast_mode,
-                             loss_impl=loss_impl, block_size=block_size)
-  loss, metrics = sharding.map_batch_shards(
-      kernel, z, jnp.asarray(labels, jnp.int32))
+  validate_inputs(z, labels, temperature=temperature,
+                  base_temperature=base_temperature)
+  loss, metrics = family_loss(
+      z, labels, temperature=temperature,
+      spec=_spec(variant, contrast_mode, denominator_mode, positives_cap),
+      loss_impl=loss_impl, block_size=block_size)
   if base_temperature is not None:
     loss = loss * (temperature / base_temperature)
   return loss, metrics
@@ -194,7 +156,8 @@ def supcon_with_metrics(
 
 def supcon(z: jax.Array, labels: jax.Array | None = None, *, temperature,
            base_temperature=None, variant: str = "out",
-           contrast_mode: str = "all", loss_impl: str = "gather",
+           contrast_mode: str = "all", denominator_mode: str = "all",
+           positives_cap: int = -1, loss_impl: str = "gather",
            block_size: int | None = None) -> jax.Array:
   """SupCon loss (Khosla et al. 2020); see `supcon_with_metrics`.
 
@@ -205,6 +168,8 @@ def supcon(z: jax.Array, labels: jax.Array | None = None, *, temperature,
     base_temperature: rescales the loss by `temperature / base_temperature`.
     variant: "out" or "in".
     contrast_mode: "all" or "one".
+    denominator_mode: "all", "one_positive" or "only_negatives".
+    positives_cap: cap on other-sample positive views (-1: none).
     loss_impl: "gather", "blockwise" or "ring".
     block_size: columns per block of the streamed impls.
 
@@ -213,8 +178,9 @@ def supcon(z: jax.Array, labels: jax.Array | None = None, *, temperature,
   """
   return supcon_with_metrics(
       z, labels, temperature=temperature, base_temperature=base_temperature,
-      variant=variant, contrast_mode=contrast_mode, loss_impl=loss_impl,
-      block_size=block_size)[0]
+      variant=variant, contrast_mode=contrast_mode,
+      denominator_mode=denominator_mode, positives_cap=positives_cap,
+      loss_impl=loss_impl, block_size=block_size)[0]
 
 
 def _check_no_labels(labels) -> None:

@@ -1,0 +1,286 @@
+r"""One masked, weighted InfoNCE kernel that the in-batch losses share.
+
+Views are flattened batch-major (view `v` of sample `i` is `i * views + v`)
+and `s_ij = z_i . z_j / temperature`. For an anchor `i`:
+
+  P(i)  positives: other views with `i`'s label (at most `positives_cap`
+        other-sample views, see below); the augmentations of `i` always are.
+  N(i)  negatives: views with another label.
+  Views with `i`'s label that the cap drops are in neither set, as in the
+  official SupCon TF code (`google-research/supcon/losses.py`).
+
+The denominator of the positive `p` is, by `denominator`:
+
+  all             sum_{n in N(i)} exp(s_in) + w * sum_{q in P(i)} exp(s_iq)
+  one_positive    sum_{n in N(i)} exp(s_in) + w * exp(s_ip)
+  only_negatives  sum_{n in N(i)} exp(s_in)
+
+with `w = exp(-margin)`: a margin `eps` (in logit units) on every positive
+term of the denominator, which is Barbano et al.'s epsilon (`eps = 0` is
+SupCon for `all`). Writing `d_ip` for the log of that denominator and
+`a_i` for a per-anchor weight of the alignment term (1 except for DCLW):
+
+  out:  L_i = 1/|P(i)| sum_{p in P(i)} (d_ip - a_i s_ip)
+  in:   L_i = -log(1/|P(i)| sum_{p in P(i)} exp(s_ip - d_ip))
+
+and the loss is the mean of `L_i` over anchors with at least one positive
+(and, for `only_negatives`, at least one negative).
+
+Two ways to compute it, with the same value and gradient where both apply:
+
+* From per-anchor statistics (`streaming.anchor_stats`: lse, pos_sum,
+  pos_lse, neg_lse), with any `loss_impl` ("gather", "blockwise", "ring").
+  Covers `all` and `only_negatives` without a positives cap.
+* From the dense `[local anchors, global views]` logits, for what needs
+  every pair: `one_positive` (a denominator per positive) and
+  `positives_cap` (an edited mask). Only with `loss_impl="gather"`.
+
+References:
+  Khosla et al. 2020 (arXiv 2004.11362), Eq. 2-3, and the TF code's
+  `contrast_mode`, `summation_location`, `denominator_mode`,
+  `positives_cap`. Yeh et al. 2022 (DCL, arXiv 2110.06848).
+  Barbano et al. 2023 (epsilon-SupInfoNCE, arXiv 2211.05568), Eq. 7 and 18.
+"""
+
+import dataclasses
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from contrastive.losses import streaming
+
+SUMMATIONS = ("out", "in")
+DENOMINATORS = ("all", "one_positive", "only_negatives")
+CONTRAST_MODES = ("all", "one")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Which member of the family: see the module docstring."""
+  summation: str = "out"
+  denominator: str = "all"
+  margin: float = 0.0
+  positives_cap: int = -1  # Other-sample positive views; < 0: no cap.
+  contrast_mode: str = "all"  # "one": only view 0 of each sample anchors.
+
+  def validate(self, views: int) -> None:
+    if self.summation not in SUMMATIONS:
+      raise ValueError(f"Unknown summation {self.summation!r}; use one of "
+                       f"{SUMMATIONS} ('out' is SupCon's L_out).")
+    if self.denominator not in DENOMINATORS:
+      raise ValueError(f"Unknown denominator_mode {self.denominator!r}; use "
+                       f"one of {DENOMINATORS}.")
+    if self.contrast_mode not in CONTRAST_MODES:
+      raise ValueError(f"Unknown contrast_mode {self.contrast_mode!r}; use "
+                       f"one of {CONTRAST_MODES}.")
+    if isinstance(self.margin, numbers.Real) and self.margin < 0:
+      raise ValueError(f"The positive margin (epsilon) must be >= 0, got "
+                       f"{self.margin}.")
+    if self.positives_cap >= 0 and self.positives_cap % views:
+      raise ValueError(
+          f"positives_cap ({self.positives_cap}) counts views of other "
+          f"samples and must be a multiple of the {views} views (as in the "
+          "SupCon TF code), or -1 for no cap.")
+
+  @property
+  def needs_pairs(self) -> bool:
+    """Whether only the dense per-pair computation can do it."""
+    return self.denominator == "one_positive" or self.positives_cap >= 0
+
+
+def _safe_lse(x: jax.Array, mask: jax.Array, empty: float) -> jax.Array:
+  """Row log-sum-exp over `mask`; `empty` (without gradient) where a row has
+  no entry. Rows without entries get a stand-in mask, so that the zero
+  cotangent of their result cannot meet an inf and become NaN."""
+  has_any = mask.any(axis=1)
+  safe_mask = jnp.where(has_any[:, None], mask, True)
+  lse = jax.nn.logsumexp(jnp.where(safe_mask, x, -jnp.inf), axis=1)
+  return jnp.where(has_any, lse, empty)
+
+
+def dense_per_anchor(logits: jax.Array, positive: jax.Array,
+                     negative: jax.Array, spec: Spec,
+                     alignment_weight: jax.Array | None = None):
+  """`L_i` and its validity from dense logits and masks.
+
+  Args:
+    logits: float32[n, m], anchors already divided by the temperature.
+    positive: bool[n, m], P(i).
+    negative: bool[n, m], N(i), disjoint from `positive`.
+    spec: the family member.
+    alignment_weight: float32[n] `a_i`, or None for ones.
+
+  Returns:
+    (float32[n] per-anchor loss, bool[n] valid).
+  """
+  num_pos = positive.sum(axis=1).astype(jnp.float32)
+  has_negative = negative.any(axis=1)
+  neg_lse = _safe_lse(logits, negative, -jnp.inf)
+  if spec.denominator == "all":
+    pos_lse = _safe_lse(logits, positive, -jnp.inf)
+    den = jnp.logaddexp(neg_lse, pos_lse - spec.margin)[:, None]
+  elif spec.denominator == "one_positive":
+    den = jnp.logaddexp(neg_lse[:, None], logits - spec.margin)
+  else:
+    den = neg_lse[:, None]
+  valid = num_pos > 0
+  if spec.denominator == "only_negatives":
+    valid &= has_negative
+    # Keeps rows without negatives finite; they are not valid anyway.
+    den = jnp.where(has_negative[:, None], den, 0.0)
+  safe_num_pos = jnp.maximum(num_pos, 1.0)
+  if spec.summation == "out":
+    weight = 1.0 if alignment_weight is None else alignment_weight[:, None]
+    terms = jnp.where(positive, den - weight * logits, 0.0)
+    per_anchor = terms.sum(axis=1) / safe_num_pos
+  else:
+    per_anchor = jnp.log(safe_num_pos) - _safe_lse(logits - den, positive,
+                                                   0.0)
+  return per_anchor, valid
+
+
+def stats_per_anchor(stats: streaming.Stats, spec: Spec,
+                     alignment_weight: jax.Array | None = None):
+  """`L_i` and its validity from per-anchor statistics (no pair masks)."""
+  if spec.needs_pairs:
+    raise ValueError("one_positive and positives_cap need the dense logits "
+                     "(loss_impl='gather').")
+  if spec.denominator == "only_negatives":
+    den = stats.neg_lse
+  elif spec.margin:
+    den = jnp.logaddexp(stats.neg_lse, stats.pos_lse - spec.margin)
+  else:
+    den = stats.lse
+  valid = stats.num_pos > 0
+  if spec.denominator == "only_negatives":
+    valid &= jnp.isfinite(den)
+    den = jnp.where(valid, den, 0.0)
+  num_pos = jnp.maximum(stats.num_pos, 1.0)
+  if spec.summation == "out":
+    weight = 1.0 if alignment_weight is None else alignment_weight
+    per_anchor = den - weight * stats.pos_sum / num_pos
+  else:
+    per_anchor = den - stats.pos_lse + jnp.log(num_pos)
+  return per_anchor, valid
+
+
+def stats_needs(spec: Spec) -> streaming.Needs:
+  with_margin = spec.denominator == "all" and bool(spec.margin)
+  return streaming.Needs(
+      pos_lse=spec.summation == "in" or with_margin,
+      neg_lse=spec.denominator == "only_negatives" or with_margin)
+
+
+def _capped_positive(anchors: streaming.Anchors, columns: streaming.Columns,
+                     views: int, cap: int) -> jax.Array:
+  """P(i) with at most `cap / views` other samples: the first ones in global
+  batch order (what `tf.math.top_k` of the 0/1 mask keeps in the TF code)."""
+  anchor_sample = anchors.ids // views
+  column_sample = columns.ids // views
+  same_label = anchors.labels[:, None] == columns.labels[None, :]
+  other_sample = anchor_sample[:, None] != column_sample[None, :]
+  candidate = same_label & other_sample
+  # Each other sample counts once: at its first view.
+  first_view = (columns.ids % views == 0)[None, :]
+  rank = jnp.cumsum(candidate & first_view, axis=1)
+  # The rank of a column's sample is the count up to its sample's view 0;
+  # columns come sample-major, so the later views share their sample's rank.
+  kept = candidate & (rank <= cap // views)
+  augmentation = ~other_sample & (anchors.ids[:, None] != columns.ids[None, :])
+  return augmentation | kept
+
+
+def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
+           temperature, spec: Spec, loss_impl: str, block_size,
+           alignment_weight: jax.Array | None = None):
+  """Mean loss and metrics over the global batch, from this device's rows.
+
+  Args:
+    z: float[local_batch, views, dim], this device's embeddings.
+    labels: int[local_batch], global class ids (unique ids for SimCLR).
+    axis_name: the mesh axis of the batch, or None on one device.
+    temperature: softmax temperature.
+    spec: the family member.
+    loss_impl: "gather", "blockwise" or "ring".
+    block_size: columns per block of the streamed impls (None: automatic).
+    alignment_weight: float[local_batch, views] `a_i` of each view as an
+      anchor, or None.
+
+  Returns:
+    (mean loss over valid anchors; metrics `contrastive_acc`, `pos_logit`,
+    `neg_logit`), both reduced over `axis_name`.
+  """
+  local_batch, views, dim = z.shape
+  # Logits, log-sum-exps and sums in float32 whatever the embedding dtype:
+  # bf16 has too few mantissa bits for a softmax over thousands of columns.
+  z = z.astype(jnp.float32)
+  offset = 0 if axis_name is None else (
+      jax.lax.axis_index(axis_name) * local_batch)
+  view_ids = (offset * views + jnp.arange(local_batch * views)).astype(
+      jnp.int32)
+  columns = streaming.Columns(z.reshape(local_batch * views, dim),
+                              jnp.repeat(labels, views), view_ids)
+  # Dividing the anchors (not the logits) by the temperature keeps it a
+  # differentiable input however the logits are computed.
+  if spec.contrast_mode == "all":
+    anchors = streaming.Anchors(columns.z / temperature, columns.labels,
+                                view_ids)
+    weight = None if alignment_weight is None else alignment_weight.reshape(
+        -1).astype(jnp.float32)
+  else:
+    anchors = streaming.Anchors(z[:, 0] / temperature, labels,
+                                view_ids[::views])
+    weight = None if alignment_weight is None else alignment_weight[
+        :, 0].astype(jnp.float32)
+
+  if spec.needs_pairs:
+    if loss_impl != "gather":
+      raise ValueError(
+          f"denominator_mode={spec.denominator!r} with positives_cap="
+          f"{spec.positives_cap} needs every (anchor, positive) pair: use "
+          f"loss_impl='gather' (got {loss_impl!r}).")
+    if axis_name is not None:
+      columns = jax.tree.map(
+          lambda x: jax.lax.all_gather(x, axis_name, tiled=True), columns)
+    logits = jnp.matmul(anchors.z, columns.z.T,
+                        precision=jax.lax.Precision.HIGHEST)
+    not_self = anchors.ids[:, None] != columns.ids[None, :]
+    same_label = anchors.labels[:, None] == columns.labels[None, :]
+    positive = same_label & not_self
+    if spec.positives_cap >= 0:
+      positive &= _capped_positive(anchors, columns, views,
+                                   spec.positives_cap)
+    per_anchor, valid = dense_per_anchor(logits, positive, ~same_label, spec,
+                                         weight)
+    stats = jax.lax.stop_gradient(streaming.dense_stats(
+        anchors, columns, streaming.Needs()))
+  else:
+    stats = streaming.anchor_stats(anchors, columns, axis_name=axis_name,
+                                   impl=loss_impl, block_size=block_size,
+                                   needs=stats_needs(spec))
+    per_anchor, valid = stats_per_anchor(stats, spec, weight)
+
+  # Metrics are monitoring only; no gradient should leak through them.
+  pos_sum = jax.lax.stop_gradient(stats.pos_sum)
+  sums = {
+      "loss": jnp.where(valid, per_anchor, 0.0).sum(),
+      "valid": valid.sum().astype(jnp.float32),
+      "correct": jnp.where(stats.num_pos > 0, stats.best_is_pos, 0.0).sum(),
+      "has_pos": (stats.num_pos > 0).sum().astype(jnp.float32),
+      "pos_logit": pos_sum.sum(),
+      "num_pos": stats.num_pos.sum(),
+      "neg_logit": (stats.logit_sum - pos_sum).sum(),
+      "num_neg": (stats.num_den - stats.num_pos).sum(),
+  }
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  # The maximum only matters when no anchor is valid: the sum is then 0 and
+  # so is the loss (with zero gradient), not 0 / 0.
+  loss = sums["loss"] / jnp.maximum(sums["valid"], 1.0)
+  metrics = {
+      "contrastive_acc": sums["correct"] / jnp.maximum(sums["has_pos"], 1.0),
+      "pos_logit": sums["pos_logit"] / jnp.maximum(sums["num_pos"], 1.0),
+      "neg_logit": sums["neg_logit"] / jnp.maximum(sums["num_neg"], 1.0),
+  }
+  return loss, metrics

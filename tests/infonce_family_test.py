@@ -1,0 +1,311 @@
+"""The in-batch family (SupCon options, DCL/DCLW, epsilon losses, FairKL)
+against float64 numpy transcriptions of the papers' equations."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from contrastive import losses
+from contrastive import sharding
+from contrastive.losses import unbiased
+from losses_test import _embeddings
+from losses_test import _finite_difference_grad
+
+
+def _reference(z, labels, temperature, *, denominator="all", summation="out",
+               epsilon=0.0, positives_cap=-1, contrast_mode="all",
+               alignment_weight=None):
+  """The family's loss, anchor by anchor, float64.
+
+  Positives: other views with the anchor's label, of which at most
+  `positives_cap / views` other samples (the first in batch order);
+  negatives: views with another label. Denominator of positive p:
+  sum_neg exp(s) + exp(-epsilon) * (sum over all positives | exp(s_ip) |
+  nothing). out: mean_p [log den_p - a * s_ip]; in: -log mean_p
+  exp(s_ip) / den_p. `alignment_weight[k]` is `a` for sample k's views.
+  """
+  z = np.asarray(z, np.float64)
+  batch, views, dim = z.shape
+  labels = np.arange(batch) if labels is None else np.asarray(labels)
+  flat = z.reshape(batch * views, dim)
+  s = flat @ flat.T / temperature
+  n = batch * views
+  sample = lambda j: j // views
+  anchors = range(n) if contrast_mode == "all" else range(0, n, views)
+  per_anchor = []
+  for i in anchors:
+    k = sample(i)
+    others = [t for t in range(batch) if t != k and labels[t] == labels[k]]
+    if positives_cap >= 0:
+      others = others[:positives_cap // views]
+    positives = [j for j in range(n) if j != i and
+                 (sample(j) == k or sample(j) in others)]
+    negatives = [j for j in range(n) if labels[sample(j)] != labels[k]]
+    if not positives:
+      continue
+    if denominator == "only_negatives" and not negatives:
+      continue
+    neg = sum(np.exp(s[i, j]) for j in negatives)
+    a = 1.0 if alignment_weight is None else alignment_weight[k]
+    terms = []
+    for p in positives:
+      if denominator == "all":
+        den = neg + np.exp(-epsilon) * sum(np.exp(s[i, q]) for q in positives)
+      elif denominator == "one_positive":
+        den = neg + np.exp(-epsilon) * np.exp(s[i, p])
+      else:
+        den = neg
+      terms.append((np.log(den) - a * s[i, p]) if summation == "out"
+                   else np.exp(s[i, p]) / den)
+    per_anchor.append(np.mean(terms) if summation == "out"
+                      else -np.log(np.mean(terms)))
+  return np.mean(per_anchor) if per_anchor else 0.0
+
+
+def _dclw_weights(z, sigma):
+  """w_k = 2 - exp(cos_k / sigma) / mean_j exp(cos_j / sigma), float64."""
+  z = np.asarray(z, np.float64)
+  e = np.exp(np.sum(z[:, 0] * z[:, 1], axis=-1) / sigma)
+  return 2.0 - e / e.mean()
+
+
+# name -> (loss kwargs, reference kwargs, labelled, views).
+CASES = {
+    "supcon_one_positive_out": (
+        dict(denominator_mode="one_positive"),
+        dict(denominator="one_positive"), True, 2),
+    "supcon_one_positive_in_3_views": (
+        dict(denominator_mode="one_positive", variant="in"),
+        dict(denominator="one_positive", summation="in"), True, 3),
+    "supcon_only_negatives_out": (
+        dict(denominator_mode="only_negatives"),
+        dict(denominator="only_negatives"), True, 2),
+    "supcon_only_negatives_in_one": (
+        dict(denominator_mode="only_negatives", variant="in",
+             contrast_mode="one"),
+        dict(denominator="only_negatives", summation="in",
+             contrast_mode="one"), True, 2),
+    "supcon_cap_2": (dict(positives_cap=2), dict(positives_cap=2), True, 2),
+    "supcon_cap_0_in_one_positive": (
+        dict(positives_cap=0, variant="in", denominator_mode="one_positive"),
+        dict(positives_cap=0, summation="in", denominator="one_positive"),
+        True, 2),
+    "supcon_cap_3_views": (dict(positives_cap=3), dict(positives_cap=3),
+                           True, 3),
+    "dcl": ({}, dict(denominator="only_negatives"), False, 2),
+    "dcl_3_views": ({}, dict(denominator="only_negatives"), False, 3),
+    "eps_supinfonce": (dict(epsilon=0.5),
+                       dict(denominator="one_positive", epsilon=0.5), True, 2),
+    "eps_supinfonce_unsupervised": (
+        dict(epsilon=0.3), dict(denominator="one_positive", epsilon=0.3),
+        False, 3),
+    "eps_supcon": (dict(epsilon=0.5), dict(epsilon=0.5), True, 2),
+    "eps_supcon_one": (dict(epsilon=1.0, contrast_mode="one"),
+                       dict(epsilon=1.0, contrast_mode="one"), True, 3),
+}
+
+
+def _loss_name(case):
+  for name in ("eps_supinfonce", "eps_supcon", "dclw", "dcl"):
+    if case.startswith(name):
+      return name
+  return "supcon"
+
+
+def _inputs(case, seed, batch=8, dim=5):
+  _, _, labelled, views = CASES[case]
+  rng = np.random.default_rng(seed)
+  z = _embeddings(rng, batch, views, dim)
+  labels = (rng.integers(0, 3, size=batch).astype(np.int32) if labelled
+            else None)
+  return z, labels
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_value_and_gradient_match_reference(case):
+  kwargs, ref_kwargs, _, _ = CASES[case]
+  z, labels = _inputs(case, seed=len(case))
+  fn = functools.partial(losses.get(_loss_name(case)), temperature=0.2,
+                         **kwargs)
+  expected = _reference(z, labels, 0.2, **ref_kwargs)
+  np.testing.assert_allclose(fn(z, labels), expected, rtol=1e-5)
+  grad = jax.grad(fn)(z, labels)
+  expected_grad = _finite_difference_grad(
+      lambda x: _reference(x, labels, 0.2, **ref_kwargs), z)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-3, atol=1e-4)
+
+
+def test_dclw_matches_reference():
+  rng = np.random.default_rng(5)
+  z = _embeddings(rng, 8, 2, 5)
+  fn = functools.partial(losses.get("dclw"), temperature=0.2, sigma=0.5)
+  reference = lambda x: _reference(
+      x, None, 0.2, denominator="only_negatives",
+      alignment_weight=_dclw_weights(x, 0.5))
+  np.testing.assert_allclose(fn(z), reference(z), rtol=1e-5)
+  # The weights are differentiated through (as lightly does) ...
+  np.testing.assert_allclose(jax.grad(fn)(z),
+                             _finite_difference_grad(reference, z),
+                             rtol=1e-3, atol=1e-4)
+  # ... unless asked not to.
+  weights = _dclw_weights(z, 0.5)
+  frozen = lambda x: _reference(x, None, 0.2, denominator="only_negatives",
+                                alignment_weight=weights)
+  np.testing.assert_allclose(
+      jax.grad(functools.partial(fn, stop_weight_gradient=True))(z),
+      _finite_difference_grad(frozen, z), rtol=1e-3, atol=1e-4)
+
+
+def test_degenerate_settings_reduce_to_known_losses():
+  rng = np.random.default_rng(6)
+  z = _embeddings(rng, 12, 2, 6)
+  labels = rng.integers(0, 4, size=12).astype(np.int32)
+  get = lambda name, *args, **kwargs: float(
+      losses.get(name)(*args, temperature=0.1, **kwargs))
+  # epsilon = 0: SupInfoNCE is SupCon's one_positive denominator, and
+  # epsilon-SupCon is SupCon.
+  assert get("eps_supinfonce", z, labels, epsilon=0.0) == pytest.approx(
+      get("supcon", z, labels, denominator_mode="one_positive"), rel=1e-6)
+  assert get("eps_supcon", z, labels, epsilon=0.0) == pytest.approx(
+      get("supcon", z, labels), rel=1e-6)
+  # A margin makes the loss larger: positives weigh less in the denominator.
+  assert get("eps_supcon", z, labels, epsilon=1.0) < get("supcon", z, labels)
+  # Unique labels + only_negatives is DCL; with two views one_positive is
+  # SimCLR (each anchor has a single positive).
+  unique = np.arange(12, dtype=np.int32)
+  assert get("supcon", z, unique, denominator_mode="only_negatives") == (
+      pytest.approx(get("dcl", z), rel=1e-6))
+  assert get("supcon", z, unique, denominator_mode="one_positive") == (
+      pytest.approx(get("simclr", z), rel=1e-6))
+  # DCLW with equal positive similarities has weights 1: DCL.
+  same = np.repeat(z[:, :1], 2, axis=1)
+  assert get("dclw", same) == pytest.approx(get("dcl", same), rel=1e-6)
+  # A cap that exceeds every class's size changes nothing.
+  assert get("supcon", z, labels, positives_cap=24) == pytest.approx(
+      get("supcon", z, labels), rel=1e-6)
+
+
+def _run(name, z, labels, devices, **kwargs):
+  fn = functools.partial(losses.get_with_metrics(name), **kwargs)
+  step = jax.jit(jax.value_and_grad(fn, has_aux=True))
+  mesh = sharding.make_mesh(devices=jax.devices()[:devices])
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    (loss, metrics), grad = step(put(z),
+                                 None if labels is None else put(labels))
+  return float(loss), jax.device_get(metrics), np.asarray(grad)
+
+
+def _assert_same(result, expected):
+  loss, metrics, grad = result
+  loss_ref, metrics_ref, grad_ref = expected
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  for key, value in metrics_ref.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6)
+  scale = np.abs(grad_ref).max()
+  assert scale > 0
+  np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+SHARDED = {
+    "supcon_one_positive": ("supcon", True, 2,
+                            dict(denominator_mode="one_positive")),
+    "supcon_only_negatives_in": ("supcon", True, 2,
+                                 dict(denominator_mode="only_negatives",
+                                      variant="in")),
+    "supcon_cap": ("supcon", True, 3, dict(positives_cap=3)),
+    "dcl": ("dcl", False, 2, {}),
+    "dclw": ("dclw", False, 2, {}),
+    "eps_supinfonce": ("eps_supinfonce", True, 2, dict(epsilon=0.5)),
+    "eps_supcon": ("eps_supcon", True, 2, dict(epsilon=0.5)),
+}
+STREAMABLE = ("supcon_only_negatives_in", "dcl", "dclw", "eps_supcon")
+
+
+@pytest.mark.parametrize("case", sorted(SHARDED))
+def test_eight_devices_equal_one_and_streamed_equals_gather(case):
+  name, labelled, views, kwargs = SHARDED[case]
+  rng = np.random.default_rng(len(case))
+  z = _embeddings(rng, 32, views, 8)
+  labels = rng.integers(0, 5, size=32).astype(np.int32) if labelled else None
+  one = _run(name, z, labels, 1, temperature=0.1, **kwargs)
+  _assert_same(_run(name, z, labels, 8, temperature=0.1, **kwargs), one)
+  if case in STREAMABLE:
+    for impl in ("blockwise", "ring"):
+      # A block of 5 does not divide the columns: padding is exercised.
+      _assert_same(_run(name, z, labels, 8, temperature=0.1, loss_impl=impl,
+                        block_size=5, **kwargs), one)
+
+
+def test_options_that_need_every_pair_refuse_streaming():
+  z = _embeddings(np.random.default_rng(0), 8, 2, 4)
+  labels = np.arange(8, dtype=np.int32) % 3
+  for name, kwargs in (("eps_supinfonce", dict(epsilon=0.1)),
+                       ("supcon", dict(denominator_mode="one_positive")),
+                       ("supcon", dict(positives_cap=2))):
+    with pytest.raises(ValueError, match="loss_impl='gather'"):
+      losses.get(name)(z, labels, temperature=0.1, loss_impl="blockwise",
+                       **kwargs)
+
+
+@pytest.mark.parametrize("name,args,kwargs,match", [
+    ("supcon", "labels", dict(positives_cap=3), "multiple of the 2 views"),
+    ("supcon", "labels", dict(denominator_mode="some"), "one_positive"),
+    ("dcl", "labels", {}, "takes no labels"),
+    ("dclw", "three_views", {}, "two views"),
+    ("eps_supcon", "labels", dict(epsilon=-0.1), "epsilon must be >= 0"),
+    ("dclw", "none", dict(sigma=0.0), "sigma must be > 0"),
+])
+def test_invalid_options(name, args, kwargs, match):
+  rng = np.random.default_rng(0)
+  z = _embeddings(rng, 6, 3 if args == "three_views" else 2, 4)
+  labels = np.arange(6, dtype=np.int32) % 2 if args == "labels" else None
+  with pytest.raises(ValueError, match=match):
+    losses.get(name)(z, labels, temperature=0.1, **kwargs)
+
+
+def _fairkl_reference(features, labels, bias, kld):
+  """FairKL over pairs i != j: means and (population) deviations per set."""
+  f = np.asarray(features, np.float64)
+  s = f @ f.T
+  sets = {key: [] for key in ("pa", "pc", "na", "nc")}
+  for i in range(len(f)):
+    for j in range(len(f)):
+      if i != j:
+        key = ("p" if labels[i] == labels[j] else "n") + (
+            "a" if bias[i] == bias[j] else "c")
+        sets[key].append(s[i, j])
+  mu = {k: np.mean(v) for k, v in sets.items()}
+  sd = {k: np.std(v) for k, v in sets.items()}
+  return ((mu["pc"] - mu["pa"])**2 + (mu["na"] - mu["nc"])**2
+          + kld * ((sd["pa"] - sd["pc"])**2 + (sd["na"] - sd["nc"])**2)
+          - mu["pc"] + mu["na"])
+
+
+def test_fairkl_matches_reference_on_one_and_eight_devices():
+  rng = np.random.default_rng(7)
+  features = _embeddings(rng, 16, 1, 6)[:, 0]
+  labels = rng.integers(0, 3, size=16).astype(np.int32)
+  bias = rng.integers(0, 2, size=16).astype(np.int32)
+  fn = functools.partial(unbiased.fairkl_regulariser, kld=0.7)
+  expected = _fairkl_reference(features, labels, bias, 0.7)
+  np.testing.assert_allclose(fn(features, labels, bias), expected, rtol=1e-4)
+  expected_grad = _finite_difference_grad(
+      lambda x: _fairkl_reference(x, labels, bias, 0.7), features)
+  grad = jax.grad(fn)(features, labels, bias)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-3, atol=1e-4)
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    value, grad8 = jax.jit(jax.value_and_grad(fn))(
+        put(features), put(labels), put(bias))
+  np.testing.assert_allclose(value, expected, rtol=1e-4)
+  np.testing.assert_allclose(grad8, grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fairkl_needs_bias_labels():
+  features = _embeddings(np.random.default_rng(0), 4, 1, 3)[:, 0]
+  with pytest.raises(ValueError, match="bias_labels"):
+    unbiased.fairkl_regulariser(features, np.arange(4), None)
