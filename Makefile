@@ -8,7 +8,7 @@ FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 SIMULATED_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: venv data smoke table test test-fast clean
+.PHONY: venv data smoke table table-biased test test-fast clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ table: venv data
 	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m contrastive.result_table \
 	  --workdir=$(WORKDIR)/table --data_dir=$(WORKDIR)/tensorflow_datasets \
 	  --out=results
+
+table-biased: venv data
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m contrastive.result_table \
+	  --table=biased_fashion_mnist --workdir=$(WORKDIR)/table_biased \
+	  --data_dir=$(WORKDIR)/tensorflow_datasets --out=results
 
 test: venv data
 	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m pytest -q

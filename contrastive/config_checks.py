@@ -34,11 +34,14 @@ def _check_loss(loss_config: ml_collections.ConfigDict) -> None:
   _check_choice("loss.loss_impl", loss_config.loss_impl,
                 tuple(streaming.IMPLS))
   kwargs = dict(loss_config.kwargs)
-  accepted = inspect.signature(losses.get(loss_config.name)).parameters
-  unknown = sorted(set(kwargs) - set(accepted))
+  accepted = inspect.signature(
+      losses.get_with_metrics(loss_config.name)).parameters
+  supplied = set(losses.extra_inputs(loss_config.name))
+  unknown = sorted(set(kwargs) - set(accepted) | (set(kwargs) & supplied))
   if unknown:
     options = sorted(k for k, p in accepted.items()
-                     if p.kind == p.KEYWORD_ONLY and k != "temperature")
+                     if p.kind == p.KEYWORD_ONLY and k != "temperature"
+                     and k not in supplied)
     raise ValueError(f"config.loss.kwargs has option(s) {unknown} that loss "
                      f"'{loss_config.name}' does not take; it takes "
                      f"{options}.")

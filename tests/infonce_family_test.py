@@ -309,3 +309,21 @@ def test_fairkl_needs_bias_labels():
   features = _embeddings(np.random.default_rng(0), 4, 1, 3)[:, 0]
   with pytest.raises(ValueError, match="bias_labels"):
     unbiased.fairkl_regulariser(features, np.arange(4), None)
+
+
+def test_config_check_names_each_loss_options():
+  from configs import smoke_fashion_mnist  # pylint: disable=g-import-not-at-top
+  from contrastive import config_checks  # pylint: disable=g-import-not-at-top
+  config = smoke_fashion_mnist.get_config("dclw")
+  config_checks.validate(config)
+  config.loss.kwargs = dict(epsilon=0.1)
+  with pytest.raises(ValueError, match=r"\['epsilon'\].*'dclw'.*'sigma'"):
+    config_checks.validate(config)
+  # Inputs the trainer supplies are not options.
+  config = smoke_fashion_mnist.get_config("eps_supinfonce")
+  config.loss.name = "fairkl"
+  config.loss.kwargs = dict(epsilon=0.1, lambd=2.0)
+  config_checks.validate(config)
+  config.loss.kwargs = dict(bias_labels=0)
+  with pytest.raises(ValueError, match=r"\['bias_labels'\]"):
+    config_checks.validate(config)
