@@ -64,7 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = dict(
       name="resnet", depth=50, width=1.0, cifar_stem=False, bn_momentum=0.9,
       dtype="float32",
-      head=dict(hidden_dims=(2048, 2048), out_dim=128, use_bn=True))
+      head=dict(hidden_dims=(2048, 2048), out_dim=128, use_bn=True),
+      # Learnable class prototypes in the embedding space (ESupCon): the
+      # number of classes, or 0 for none.
+      num_prototypes=0)
 
   # `use_labels` passes the class labels to the loss (SupCon); `kwargs` are
   # the loss's own options, e.g. variant / contrast_mode / base_temperature.

@@ -22,6 +22,9 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   sigma 0.5
   eps_supinfonce  epsilon-SupInfoNCE (Barbano et al. 2023), tau 0.2, eps 0.25
   eps_supcon      epsilon-SupCon (their Eq. 18), tau 0.2, eps 0.25
+  esupcon         SupCon with 10 learnable class prototypes in the contrast
+                  set (Aljundi et al. 2022), tau 0.2; its prototype
+                  classifier is scored directly (classifier_eval.json)
 Every variant shares the encoder, views, optimizer and budget, so that the
 result table (`make table`) compares losses only. tau 0.2 for the new losses
 follows the SimCLR/SupCon rows; eps 0.25 is a middle value of the margins the
@@ -30,7 +33,8 @@ paper explores, not tuned here.
 
 from configs import common
 
-METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon")
+METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
+           "esupcon")
 
 def get_config(arg=None):
   args = common.parse_arg(arg, method="supcon")
@@ -66,6 +70,9 @@ def get_config(arg=None):
   elif args.method == "dclw":
     config.loss.update(name="dclw", temperature=0.2, use_labels=False)
     config.loss.kwargs = dict(sigma=0.5)
+  elif args.method == "esupcon":
+    config.loss.update(name="esupcon", temperature=0.2, use_labels=True)
+    config.model.num_prototypes = 10
   elif args.method in ("eps_supinfonce", "eps_supcon"):
     config.loss.update(name=args.method, temperature=0.2, use_labels=True)
     config.loss.kwargs = dict(epsilon=0.25)

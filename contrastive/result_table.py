@@ -100,6 +100,8 @@ ROWS = {
                           "configs/smoke_fashion_mnist.py:eps_supinfonce"),
     "eps_supcon": Row("epsilon-SupCon", "tau 0.2, eps 0.25",
                       "configs/smoke_fashion_mnist.py:eps_supcon"),
+    "esupcon": Row("ESupCon", "SupCon + class prototypes, tau 0.2",
+                   "configs/smoke_fashion_mnist.py:esupcon"),
 }
 
 
@@ -132,7 +134,8 @@ TABLES = {
         "256 images; 28 px; the 10k test images. Linear top-1: multinomial "
         "logistic regression (L-BFGS) on frozen, standardised features of "
         "the 60k training images. kNN: cosine, temperature-0.07 weighted "
-        "votes (InstDisc). Own classifier: the CE model's softmax layer. "
+        "votes (InstDisc). Own classifier: the CE model's softmax layer, "
+        "ESupCon's prototypes. "
         "Training time excludes compilation and the online evaluation.",
         ROWS, epochs=5.0),
     "biased_fashion_mnist": Table(

@@ -12,11 +12,16 @@ through `shard_map` (see `contrastive/sharding.py`).
 import functools
 from typing import Any
 
+import json
+import os
+
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+import tensorflow as tf
 
 from contrastive import checkpoint
 from contrastive import config_checks
@@ -73,6 +78,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
             "dataset that has them (e.g. input.dataset="
             "'biased_fashion_mnist/rho0.99').")
       extra["bias_labels"] = batch["bias_label"]
+    if "prototype_cosines" in needs:
+      if "prototype_cosines" not in outputs:
+        raise ValueError(
+            f"Loss {loss_config.name!r} needs class prototypes; set "
+            "--config.model.num_prototypes to the number of classes.")
+      extra["prototype_cosines"] = outputs["prototype_cosines"]
     loss, loss_metrics = loss_fn(
         outputs["embedding"], labels, temperature=loss_config.temperature,
         loss_impl=loss_config.loss_impl,
@@ -135,6 +146,26 @@ def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
+def evaluate_prototypes(config: ml_collections.ConfigDict, model, state,
+                        mesh) -> dict[str, Any]:
+  """Top-1/top-5 of the model's prototype classifier (argmax of the cosines
+  to the class prototypes) on `linear_eval`'s test split."""
+  dataset = config.linear_eval.dataset or config.input.dataset
+  logits_fn = jax.jit(
+      lambda variables, x: model.apply(variables, x, method=model.classify),
+      out_shardings=sharding.batch_sharding(mesh))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  logits, labels = linear.extract(
+      config, dataset, config.linear_eval.test_split, mesh,
+      lambda x: logits_fn(variables, x))
+  top5 = np.argsort(-logits, axis=-1)[:, :5]
+  return {"top1": float(np.mean(top5[:, 0] == labels)),
+          "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
+          "dataset": dataset, "split": config.linear_eval.test_split,
+          "num_test": int(labels.shape[0]),
+          "step": int(jax.device_get(state.step))}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Pretrains (resuming from `workdir` if it holds a checkpoint), evaluates.
@@ -177,6 +208,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                      total_steps)
               if config.online_eval.probe else None)
   num_classes = info.features["label"].num_classes
+  if config.model.num_prototypes not in (0, num_classes):
+    raise ValueError(
+        f"config.model.num_prototypes={config.model.num_prototypes} must be "
+        f"the number of classes of {config.input.dataset} ({num_classes}) "
+        "or 0.")
 
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
   abstract_state = state_lib.abstract_train_state(
@@ -205,6 +241,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       headline_metric="contrastive_acc")
   result = {"train": last_metrics, "step": int(jax.device_get(state.step)),
             "preempted": preempted}
+  if not preempted and config.model.num_prototypes:
+    # The prototype classifier is scored directly (ESupCon), as the CE
+    # trainer's classifier: `classifier_eval.json`.
+    with jax.set_mesh(mesh):
+      result["classifier"] = evaluate_prototypes(config, model, state, mesh)
+    logging.info("Prototype classifier: %s", result["classifier"])
+    logger.writer.write_scalars(result["step"], {
+        "classifier/top1": result["classifier"]["top1"],
+        "classifier/top5": result["classifier"]["top5"]})
+    if jax.process_index() == 0:
+      with tf.io.gfile.GFile(os.path.join(workdir, "classifier_eval.json"),
+                             "w") as f:
+        json.dump(result["classifier"], f, indent=2)
   if not preempted and config.linear_eval.enabled:
     with jax.set_mesh(mesh):
       result["linear_eval"] = linear.evaluate(

@@ -16,7 +16,7 @@ PAPER_CONFIGS = sorted(
 ARGS = {"simclr_imagenet": [None, "r50x2", "r50x4,epochs=1000"],
         "supcon_imagenet": [None, "r200"],
         "smoke_fashion_mnist": ["simclr", "supcon", "dcl", "dclw",
-                                "eps_supinfonce", "eps_supcon"],
+                                "eps_supinfonce", "eps_supcon", "esupcon"],
         "dcl_imagenet": [None, "dclw"],
         "eps_supinfonce_cifar": [None, "cifar100,method=eps_supcon"],
         "fairkl_biased_fashion_mnist": ["ce", "supcon", "eps_supinfonce",

@@ -102,3 +102,23 @@ def test_command_line_run_prints_result_table(fake_data, tmp_path):
           in proc.stdout)
   assert "| raw pixels (784-d) |" in proc.stdout
   assert "| frozen encoder (64-d) after 2 steps |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_esupcon_trains_its_prototypes_and_scores_them(fake_data, tmp_path,
+                                                      monkeypatch):
+  monkeypatch.setenv(fashion_mnist.ENV_VAR, fake_data)
+  workdir = str(tmp_path / "run")
+  config = _tiny_config(str(tmp_path / "tfds"), "esupcon")
+  config.linear_eval.enabled = False
+  result = train.train_and_evaluate(config, workdir)
+  rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert all(0.0 <= r["prototype_top1"] <= 1.0 for r in rows)
+  with open(os.path.join(workdir, "classifier_eval.json")) as f:
+    evaluation = json.load(f)
+  assert evaluation == result["classifier"]
+  assert evaluation["num_test"] == 40 and 0.0 <= evaluation["top1"] <= 1.0
+  # A prototype count other than the number of classes is refused.
+  config.model.num_prototypes = 3
+  with pytest.raises(ValueError, match="num_prototypes=3 must be the number"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))

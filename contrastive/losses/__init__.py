@@ -20,12 +20,13 @@ denominator and `positives_cap`) run with "gather" only and say so.
 All of them are members of one masked, weighted InfoNCE kernel
 (`infonce.py`): SimCLR and SupCon (`supcon.py`), DCL and DCLW (`dcl.py`),
 epsilon-SupInfoNCE and epsilon-SupCon (`unbiased.py`, with the FairKL
-regulariser).
+regulariser), ESupCon (`esupcon.py`, class prototypes as extra columns).
 """
 
 from collections.abc import Callable
 
 from contrastive.losses import dcl
+from contrastive.losses import esupcon
 from contrastive.losses import supcon
 from contrastive.losses import unbiased
 
@@ -41,15 +42,19 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
                        unbiased.eps_supinfonce_with_metrics),
     "eps_supcon": (unbiased.eps_supcon, unbiased.eps_supcon_with_metrics),
     "fairkl": (unbiased.fairkl, unbiased.fairkl_with_metrics),
+    "esupcon": (esupcon.esupcon, esupcon.esupcon_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
 # trainer supplies: "features" (the encoder's [batch, views, dim] output
-# before the projection head) and "bias_labels" (the batch's `bias_label`,
-# from a dataset that has one).
-EXTRA_INPUTS = ("features", "bias_labels")
+# before the projection head), "bias_labels" (the batch's `bias_label`,
+# from a dataset that has one) and "prototype_cosines" (the model's
+# [batch, views, classes] cosines to its class prototypes,
+# `config.model.num_prototypes`).
+EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
+    "esupcon": ("prototype_cosines",),
 }
 
 

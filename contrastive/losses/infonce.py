@@ -172,6 +172,25 @@ def stats_needs(spec: Spec) -> streaming.Needs:
       neg_lse=spec.denominator == "only_negatives" or with_margin)
 
 
+def with_extra_columns(stats: streaming.Stats, logits: jax.Array,
+                       positive: jax.Array, needs: streaming.Needs):
+  """`stats` over the batch merged with extra columns known by their logits.
+
+  Extra columns (e.g. class prototypes, ESupCon) are not views: they are
+  never the anchor itself and every anchor sees all of them, so their
+  float32[n, k] logits and bool[n, k] positive mask are all that is needed.
+  """
+  columns = streaming.block_stats_from_logits(logits, positive, needs)
+  # Finalised stats hold 0 where an anchor has no positive; the merge needs
+  # the empty sum's log, -inf, there (logaddexp handles it without NaNs).
+  def pos_lse(part):
+    return jnp.where(part.num_pos > 0, part.pos_lse, -jnp.inf)
+  merged = streaming.merge_stats(stats, columns)
+  return merged._replace(pos_lse=jnp.where(
+      merged.num_pos > 0, jnp.logaddexp(pos_lse(stats), pos_lse(columns)),
+      0.0))
+
+
 def _capped_positive(anchors: streaming.Anchors, columns: streaming.Columns,
                      views: int, cap: int) -> jax.Array:
   """P(i) with at most `cap / views` other samples: the first ones in global
@@ -193,7 +212,8 @@ def _capped_positive(anchors: streaming.Anchors, columns: streaming.Columns,
 
 def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
            temperature, spec: Spec, loss_impl: str, block_size,
-           alignment_weight: jax.Array | None = None):
+           alignment_weight: jax.Array | None = None,
+           extra_cosines: jax.Array | None = None):
   """Mean loss and metrics over the global batch, from this device's rows.
 
   Args:
@@ -206,6 +226,9 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
     block_size: columns per block of the streamed impls (None: automatic).
     alignment_weight: float[local_batch, views] `a_i` of each view as an
       anchor, or None.
+    extra_cosines: float[local_batch, views, k] similarities of each view
+      to `k` extra columns whose labels are 0..k-1 (class prototypes), or
+      None. They join every anchor's contrast set (statistics path only).
 
   Returns:
     (mean loss over valid anchors; metrics `contrastive_acc`, `pos_logit`,
@@ -233,8 +256,19 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
                                 view_ids[::views])
     weight = None if alignment_weight is None else alignment_weight[
         :, 0].astype(jnp.float32)
+  if extra_cosines is not None:
+    extra = extra_cosines.astype(jnp.float32)
+    extra = (extra.reshape(local_batch * views, -1)
+             if spec.contrast_mode == "all" else extra[:, 0])
+    extra_logits = extra / temperature
+    extra_positive = (anchors.labels[:, None]
+                      == jnp.arange(extra.shape[-1])[None, :])
 
   if spec.needs_pairs:
+    if extra_cosines is not None:
+      raise ValueError("Extra columns (prototypes) work with the "
+                       "'all' and 'only_negatives' denominators without a "
+                       "positives cap.")
     if loss_impl != "gather":
       raise ValueError(
           f"denominator_mode={spec.denominator!r} with positives_cap="
@@ -259,6 +293,9 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
     stats = streaming.anchor_stats(anchors, columns, axis_name=axis_name,
                                    impl=loss_impl, block_size=block_size,
                                    needs=stats_needs(spec))
+    if extra_cosines is not None:
+      stats = with_extra_columns(stats, extra_logits, extra_positive,
+                                 stats_needs(spec))
     per_anchor, valid = stats_per_anchor(stats, spec, weight)
 
   # Metrics are monitoring only; no gradient should leak through them.

@@ -145,7 +145,7 @@ def _block_stats(anchors: Anchors, columns: Columns,
   )
 
 
-def _merge(a: Stats, b: Stats) -> Stats:
+def merge_stats(a: Stats, b: Stats) -> Stats:
   """Stats over the union of two disjoint column sets."""
   # Strictly greater: on ties the columns seen first win, like argmax.
   b_better = b.best > a.best
@@ -198,7 +198,7 @@ def _stream(anchors: Anchors, columns: Columns, block: int,
   """Merges the stats of `columns`, block by block, into `stats`."""
 
   def body(carry, block_columns):
-    return _merge(carry, _block_stats(anchors, block_columns,
+    return merge_stats(carry, _block_stats(anchors, block_columns,
                                       needs)), None
 
   if stats is None:
@@ -372,6 +372,37 @@ def dense_stats(anchors: Anchors, columns: Columns,
       num_pos=num_pos.astype(jnp.float32),
       num_den=denominator.sum(axis=1).astype(jnp.float32),
       logit_sum=jnp.where(denominator, masked_ng, 0.0).sum(axis=1),
+      best=masked_ng.max(axis=1),
+      best_is_pos=jnp.take_along_axis(
+          positive, best_index[:, None], axis=1)[:, 0].astype(jnp.float32),
+  )
+
+
+def block_stats_from_logits(logits: jax.Array, positive: jax.Array,
+                            needs: Needs = Needs()) -> Stats:
+  """Stats of columns given by their float32[n, k] logits and bool[n, k]
+  positive mask, every column in every anchor's denominator (columns that
+  are not views, e.g. class prototypes); plain autodiff. pos_lse is -inf
+  (not 0) where an anchor has no positive, ready for `merge_stats`."""
+  denominator = jnp.ones_like(positive)
+  negative = ~positive
+  masked_ng = jax.lax.stop_gradient(logits)
+  best_index = jnp.argmax(masked_ng, axis=1)
+
+  def lse_over(mask):
+    has_any = mask.any(axis=1)
+    safe = jnp.where(has_any[:, None], mask, True)
+    return jnp.where(has_any, _masked_lse(logits, safe), -jnp.inf)
+
+  zeros = jnp.zeros_like(logits[:, 0])
+  return Stats(
+      lse=jax.nn.logsumexp(logits, axis=1),
+      pos_sum=jnp.where(positive, logits, 0.0).sum(axis=1),
+      pos_lse=lse_over(positive) if needs.pos_lse else zeros - jnp.inf,
+      neg_lse=lse_over(negative) if needs.neg_lse else zeros - jnp.inf,
+      num_pos=positive.sum(axis=1).astype(jnp.float32),
+      num_den=denominator.sum(axis=1).astype(jnp.float32),
+      logit_sum=masked_ng.sum(axis=1),
       best=masked_ng.max(axis=1),
       best_is_pos=jnp.take_along_axis(
           positive, best_index[:, None], axis=1)[:, 0].astype(jnp.float32),

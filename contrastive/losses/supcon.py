@@ -25,7 +25,6 @@ References:
   PyTorch reference: https://github.com/HobbitLong/SupContrast (losses.py).
 """
 
-import functools
 import numbers
 
 import jax
@@ -74,25 +73,30 @@ def _spec(variant: str, contrast_mode: str, denominator_mode: str,
 
 def family_loss(z: jax.Array, labels: jax.Array | None, *, temperature,
                 spec: infonce.Spec, loss_impl: str, block_size,
-                alignment_weight: jax.Array | None = None):
+                alignment_weight: jax.Array | None = None,
+                extra_cosines: jax.Array | None = None):
   """The kernel over the global batch: `(loss, metrics)`.
 
   `labels=None` gives every sample its own class; built on the global batch
-  so that the ids stay unique once sharded.
+  so that the ids stay unique once sharded. `alignment_weight` and
+  `extra_cosines` (see `infonce.kernel`) are sharded like `z`.
   """
   spec.validate(z.shape[1])
   if labels is None:
     labels = jnp.arange(z.shape[0], dtype=jnp.int32)
-  kernel = functools.partial(infonce.kernel, temperature=temperature,
-                             spec=spec, loss_impl=loss_impl,
-                             block_size=block_size)
-  args = [z, jnp.asarray(labels, jnp.int32)]
-  if alignment_weight is not None:
-    args.append(alignment_weight)
-  return sharding.map_batch_shards(
-      lambda *a, axis_name: kernel(
-          *a[:2], axis_name=axis_name,
-          alignment_weight=a[2] if len(a) > 2 else None), *args)
+  optional = {name: value for name, value in (
+      ("alignment_weight", alignment_weight),
+      ("extra_cosines", extra_cosines)) if value is not None}
+  names = tuple(optional)
+
+  def kernel(z, labels, *values, axis_name):
+    return infonce.kernel(
+        z, labels, axis_name=axis_name, temperature=temperature, spec=spec,
+        loss_impl=loss_impl, block_size=block_size,
+        **dict(zip(names, values)))
+
+  return sharding.map_batch_shards(kernel, z, jnp.asarray(labels, jnp.int32),
+                                   *optional.values())
 
 
 def supcon_with_metrics(

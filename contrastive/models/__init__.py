@@ -25,4 +25,5 @@ def create(model_config: ml_collections.ConfigDict) -> encoder.ContrastiveModel:
       head_bn=model_config.head.use_bn,
       bn_momentum=model_config.bn_momentum,
       dtype=DTYPES[model_config.dtype],
+      num_prototypes=model_config.get("num_prototypes", 0),
   )

@@ -2,7 +2,9 @@
 
 `ContrastiveModel(x, train)` returns `{"features": h, "embedding": z}`:
 h is the pooled encoder output (what linear evaluation reads), z the
-normalised projection the contrastive loss consumes.
+normalised projection the contrastive loss consumes. With `num_prototypes`
+> 0 the model also holds learnable class prototypes w_c in z's space and
+returns `"prototype_cosines"`: z . w_c / |w_c| (ESupCon's classifier).
 
 Heads:
   - SimCLR: `hidden_dims=(2048, 2048), out_dim=128, use_bn=True`
@@ -16,6 +18,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from contrastive.models import resnet
@@ -59,6 +62,7 @@ class ContrastiveModel(nn.Module):
   head_bn: bool = True
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  num_prototypes: int = 0
 
   def setup(self):
     self.encoder = resnet.ResNet(
@@ -67,11 +71,25 @@ class ContrastiveModel(nn.Module):
     self.head = ProjectionHead(
         hidden_dims=tuple(self.head_hidden_dims), out_dim=self.head_out_dim,
         use_bn=self.head_bn, bn_momentum=self.bn_momentum)
+    if self.num_prototypes:
+      self.prototypes = self.param(
+          "prototypes", nn.initializers.normal(stddev=1.0),
+          (self.num_prototypes, self.head_out_dim), jnp.float32)
 
   def __call__(self, x, train: bool):
     h = self.encoder(x, train=train)
     z = l2_normalize(self.head(h, train=train))
-    return {"features": h, "embedding": z}
+    outputs = {"features": h, "embedding": z}
+    if self.num_prototypes:
+      outputs["prototype_cosines"] = jnp.matmul(
+          z, l2_normalize(self.prototypes).T,
+          precision=jax.lax.Precision.HIGHEST)
+    return outputs
+
+  def classify(self, x):
+    """Prototype cosines of images (BN in inference mode): the logits of
+    the prototype classifier, argmax = the predicted class."""
+    return self(x, train=False)["prototype_cosines"]
 
   def features(self, x):
     """Frozen-encoder features for evaluation (BN in inference mode)."""
