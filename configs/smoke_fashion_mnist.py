@@ -25,6 +25,8 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
   esupcon         SupCon with 10 learnable class prototypes in the contrast
                   set (Aljundi et al. 2022), tau 0.2; its prototype
                   classifier is scored directly (classifier_eval.json)
+  unicon          views against mixup universum images (Han & Chen 2022),
+                  tau 0.2, lam 0.5: a second encoder pass per step
 Every variant shares the encoder, views, optimizer and budget, so that the
 result table (`make table`) compares losses only. tau 0.2 for the new losses
 follows the SimCLR/SupCon rows; eps 0.25 is a middle value of the margins the
@@ -34,7 +36,7 @@ paper explores, not tuned here.
 from configs import common
 
 METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
-           "esupcon")
+           "esupcon", "unicon")
 
 def get_config(arg=None):
   args = common.parse_arg(arg, method="supcon")
@@ -70,6 +72,9 @@ def get_config(arg=None):
   elif args.method == "dclw":
     config.loss.update(name="dclw", temperature=0.2, use_labels=False)
     config.loss.kwargs = dict(sigma=0.5)
+  elif args.method == "unicon":
+    config.loss.update(name="unicon", temperature=0.2, use_labels=True)
+    config.loss.kwargs = dict(lam=0.5, mix="mixup")
   elif args.method == "esupcon":
     config.loss.update(name="esupcon", temperature=0.2, use_labels=True)
     config.model.num_prototypes = 10

@@ -102,6 +102,8 @@ ROWS = {
                       "configs/smoke_fashion_mnist.py:eps_supcon"),
     "esupcon": Row("ESupCon", "SupCon + class prototypes, tau 0.2",
                    "configs/smoke_fashion_mnist.py:esupcon"),
+    "unicon": Row("UniCon", "views vs mixup universum, tau 0.2",
+                  "configs/smoke_fashion_mnist.py:unicon"),
 }
 
 

@@ -138,3 +138,22 @@ def map_batch_shards(kernel: Callable[..., Any], *args: Any) -> Any:
       out_specs=P(),
   )
   return mapped(*args)
+
+
+def map_batch_rows(fn: Callable[..., Any], *args: Any) -> Any:
+  """Runs `fn(*local_args, axis_name=...)` on each device's batch shard and
+  returns its per-row outputs, still sharded on the batch.
+
+  For per-example work that should stay on the device holding the rows
+  (e.g. mixing images of the same shard), unlike `map_batch_shards` whose
+  outputs are reduced over the axis. Without a multi-device `data` axis it
+  runs once on the whole batch with `axis_name=None`.
+  """
+  if batch_axis_size() == 1:
+    return fn(*args, axis_name=None)
+  mapped = jax.shard_map(
+      lambda *local: fn(*local, axis_name=DATA_AXIS),
+      in_specs=tuple(P(DATA_AXIS) for _ in args),
+      out_specs=P(DATA_AXIS),
+  )
+  return mapped(*args)

@@ -37,23 +37,38 @@ from contrastive import training_loop
 from contrastive.data import input_pipeline
 from contrastive.evaluation import linear
 from contrastive.evaluation import online
+from contrastive.losses import unicon
 
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                model, tx: optax.GradientTransformation, loss_fn,
                loss_config: ml_collections.ConfigDict,
                schedule: optax.Schedule, grad_cache_chunks: int = 0,
-               probe_tx: optax.GradientTransformation | None = None):
+               probe_tx: optax.GradientTransformation | None = None,
+               seed: int = 0):
   """One optimisation step on the global batch; returns (state, metrics).
 
   `grad_cache_chunks` > 0 computes the same gradient with GradCache (see
   `contrastive/grad_cache.py`): activation memory of one chunk. With
   `probe_tx`, the online linear probe in `state.probe_params` also takes a
   step on the gradient-stopped features of every view
-  (`contrastive/evaluation/online.py`).
+  (`contrastive/evaluation/online.py`). `seed` keys the step's own
+  randomness (UniCon's universum), folded with the step number.
   """
   images = batch["image"]
   labels = batch["label"] if loss_config.use_labels else None
+  needs = losses.extra_inputs(loss_config.name)
+  universum_images = None
+  if "universum" in needs:
+    if grad_cache_chunks:
+      raise ValueError(f"Loss {loss_config.name!r} embeds a second batch "
+                       "(the universum) and does not support GradCache; "
+                       "set --config.grad_cache_chunks=0.")
+    options = {key: loss_config.kwargs[key] for key in
+               unicon.UNIVERSUM_OPTIONS if key in loss_config.kwargs}
+    universum_images = unicon.make_universum(
+        images, batch["label"],
+        jax.random.fold_in(jax.random.key(seed), state.step), **options)
 
   def embed(params, batch_stats, chunk):
     # Views are folded into the batch: BN sees every view of the chunk.
@@ -66,9 +81,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
         lambda x: x.reshape(num_images, num_views, *x.shape[1:]), outputs)
     return outputs, new_model_state["batch_stats"]
 
-  def loss_of_embeddings(outputs):
-    extra = {}
-    needs = losses.extra_inputs(loss_config.name)
+  def loss_of_embeddings(outputs, universum=None):
+    extra = {} if universum is None else {"universum": universum}
     if "features" in needs:
       extra["features"] = outputs["features"]
     if "bias_labels" in needs:
@@ -98,8 +112,16 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
             images, chunks=grad_cache_chunks))
   else:
     def compute_loss(params):
-      outputs, batch_stats = embed(params, state.batch_stats, images)
-      loss, aux = loss_of_embeddings(outputs)
+      batch_stats = state.batch_stats
+      universum = None
+      if universum_images is not None:
+        # The reference embeds the universum first, in its own pass (its own
+        # BN batch statistics).
+        universum_outputs, batch_stats = embed(params, batch_stats,
+                                               universum_images)
+        universum = universum_outputs["embedding"]
+      outputs, batch_stats = embed(params, batch_stats, images)
+      loss, aux = loss_of_embeddings(outputs, universum)
       return loss, (aux, batch_stats)
 
     (loss, ((loss_metrics, features), batch_stats)), grads = (
@@ -225,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
                            loss_config=config.loss, schedule=schedule,
                            grad_cache_chunks=config.grad_cache_chunks,
-                           probe_tx=probe_tx)
+                           probe_tx=probe_tx, seed=config.seed)
 
   def evaluate_online(state):
     return online.evaluate(

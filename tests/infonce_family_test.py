@@ -405,3 +405,85 @@ def test_esupcon_reports_prototype_accuracy_and_needs_prototypes():
   with pytest.raises(ValueError, match="num_prototypes"):
     losses.get("esupcon")(_embeddings(rng, 4, 2, 4), labels, temperature=0.1,
                           prototype_cosines=None)
+
+
+def _unicon_reference(z, u, labels, temperature):
+  """UniConLoss as the official code computes it, float64: anchors z_i,
+  contrast set the universum u_j (j != i), positives same base label."""
+  z = np.asarray(z, np.float64).reshape(-1, z.shape[-1])
+  u = np.asarray(u, np.float64).reshape(-1, u.shape[-1])
+  views = len(z) // len(labels)
+  y = np.repeat(labels, views)
+  per_anchor = []
+  for i in range(len(z)):
+    others = [j for j in range(len(u)) if j != i]
+    log_den = np.log(sum(np.exp(z[i] @ u[j] / temperature) for j in others))
+    positives = [j for j in others if y[j] == y[i]]
+    per_anchor.append(np.mean([log_den - z[i] @ u[j] / temperature
+                               for j in positives]))
+  return np.mean(per_anchor)
+
+
+def test_unicon_matches_reference_on_one_and_eight_devices():
+  rng = np.random.default_rng(10)
+  z, u = _embeddings(rng, 8, 2, 5), _embeddings(rng, 8, 2, 5)
+  labels = rng.integers(0, 3, size=8).astype(np.int32)
+  fn = lambda z, u: losses.get("unicon")(z, labels, temperature=0.2,
+                                         universum=u)
+  np.testing.assert_allclose(fn(z, u), _unicon_reference(z, u, labels, 0.2),
+                             rtol=1e-5)
+  grad_z, grad_u = jax.grad(fn, argnums=(0, 1))(z, u)
+  np.testing.assert_allclose(grad_z, _finite_difference_grad(
+      lambda x: _unicon_reference(x, u, labels, 0.2), z), rtol=1e-3,
+                             atol=1e-4)
+  np.testing.assert_allclose(grad_u, _finite_difference_grad(
+      lambda x: _unicon_reference(z, x, labels, 0.2), u), rtol=1e-3,
+                             atol=1e-4)
+  z, u = _embeddings(rng, 32, 2, 8), _embeddings(rng, 32, 2, 8)
+  labels = rng.integers(0, 5, size=32).astype(np.int32)
+  value_and_grad = lambda impl: jax.jit(jax.value_and_grad(
+      lambda z, u, y: losses.get("unicon")(
+          z, y, temperature=0.1, universum=u, loss_impl=impl, block_size=5),
+      argnums=(0, 1)))
+  expected = value_and_grad("gather")(z, u, labels)
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    for impl in ("gather", "blockwise", "ring"):
+      value, grads = value_and_grad(impl)(put(z), put(u), put(labels))
+      np.testing.assert_allclose(value, expected[0], rtol=1e-5)
+      for got, want in zip(grads, expected[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_universum_mixes_each_view_with_another_class(mix):
+  from contrastive.losses import unicon  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(11)
+  images = rng.uniform(size=(16, 2, 6, 6, 1)).astype(np.float32)
+  # Each device's two samples differ in class (a one-class shard has no
+  # other-class partner to draw).
+  labels = (np.arange(16) % 4).astype(np.int32)
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    universum = np.asarray(jax.jit(
+        lambda x, y: unicon.make_universum(x, y, jax.random.key(0), mix=mix))(
+            put(images), put(labels)))
+  flat = images.reshape(-1, 6, 6, 1)
+  flat_labels = np.repeat(labels, 2)
+  shard = len(flat) // 8  # Partners come from the same device's rows.
+  for j, u in enumerate(universum.reshape(-1, 6, 6, 1)):
+    if mix == "mixup":
+      partner = (u - 0.5 * flat[j]) / 0.5
+      own = np.zeros_like(u, bool)
+    else:
+      own = np.isclose(u, flat[j])
+      partner = u
+    local = range(j // shard * shard, (j // shard + 1) * shard)
+    matches = [k for k in local
+               if np.allclose(partner[~own], flat[k][~own], atol=1e-5)]
+    assert matches and all(flat_labels[k] != flat_labels[j] for k in matches)
+    if mix == "cutmix":
+      # A box of half the area (rounded to whole pixels) is the own image.
+      assert 16 <= own.sum() <= 18

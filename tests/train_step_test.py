@@ -101,3 +101,33 @@ def test_bias_label_loss_without_bias_labels_says_what_to_do():
   with pytest.raises(ValueError, match="biased_fashion_mnist"):
     _run_steps(config, sharding.make_mesh(devices=jax.devices()[:1]),
                [batch], num_steps=1)
+
+
+def test_unicon_step_embeds_the_universum_and_trains():
+  """UniCon's step makes universum images on each device and embeds them in
+  a second pass; the step is deterministic and moves the parameters."""
+  rng = np.random.default_rng(1)
+  batches = [{
+      "image": rng.uniform(size=(16, 2, *IMAGE_SHAPE)).astype(np.float32),
+      "label": (np.arange(16) % 4).astype(np.int32),
+  } for _ in range(2)]
+  config = _config("unicon")
+  mesh = sharding.make_mesh()
+  # Two steps: the first has learning rate 0 (warm-up).
+  state_a, metrics_a = _run_steps(config, mesh, batches)
+  _, metrics_b = _run_steps(config, mesh, batches)
+  assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics_a)
+  assert [m["loss"] for m in metrics_a] == [m["loss"] for m in metrics_b]
+  initial = state_lib.create_train_state(
+      models.create(config.model),
+      optim.create(config.optim, lambda _: 0.0), jax.random.key(0),
+      IMAGE_SHAPE, mesh)
+  assert any(not np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(initial.params), jax.tree.leaves(state_a.params)))
+  config.grad_cache_chunks = 2
+  with pytest.raises(ValueError, match="GradCache"):
+    jax.eval_shape(functools.partial(
+        train.train_step, model=models.create(config.model),
+        tx=optim.create(config.optim, lambda _: 0.0),
+        loss_fn=losses.get_with_metrics("unicon"), loss_config=config.loss,
+        schedule=lambda _: 0.0, grad_cache_chunks=2), initial, batches[0])

@@ -20,7 +20,8 @@ denominator and `positives_cap`) run with "gather" only and say so.
 All of them are members of one masked, weighted InfoNCE kernel
 (`infonce.py`): SimCLR and SupCon (`supcon.py`), DCL and DCLW (`dcl.py`),
 epsilon-SupInfoNCE and epsilon-SupCon (`unbiased.py`, with the FairKL
-regulariser), ESupCon (`esupcon.py`, class prototypes as extra columns).
+regulariser), ESupCon (`esupcon.py`, class prototypes as extra columns),
+UniCon (`unicon.py`, the universum as the contrast set).
 """
 
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from contrastive.losses import dcl
 from contrastive.losses import esupcon
 from contrastive.losses import supcon
 from contrastive.losses import unbiased
+from contrastive.losses import unicon
 
 # name -> (loss, loss_with_metrics). The second returns `(loss, metrics)`,
 # metrics a dict of float32 scalars: `contrastive_acc`, `pos_logit`,
@@ -43,18 +45,21 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "eps_supcon": (unbiased.eps_supcon, unbiased.eps_supcon_with_metrics),
     "fairkl": (unbiased.fairkl, unbiased.fairkl_with_metrics),
     "esupcon": (esupcon.esupcon, esupcon.esupcon_with_metrics),
+    "unicon": (unicon.unicon, unicon.unicon_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
 # trainer supplies: "features" (the encoder's [batch, views, dim] output
 # before the projection head), "bias_labels" (the batch's `bias_label`,
-# from a dataset that has one) and "prototype_cosines" (the model's
+# from a dataset that has one), "prototype_cosines" (the model's
 # [batch, views, classes] cosines to its class prototypes,
-# `config.model.num_prototypes`).
-EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines")
+# `config.model.num_prototypes`) and "universum" (the embeddings of
+# UniCon's universum images, which the trainer makes and embeds).
+EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
+    "unicon": ("universum",),
 }
 
 

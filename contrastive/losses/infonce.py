@@ -213,7 +213,8 @@ def _capped_positive(anchors: streaming.Anchors, columns: streaming.Columns,
 def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
            temperature, spec: Spec, loss_impl: str, block_size,
            alignment_weight: jax.Array | None = None,
-           extra_cosines: jax.Array | None = None):
+           extra_cosines: jax.Array | None = None,
+           contrast_z: jax.Array | None = None):
   """Mean loss and metrics over the global batch, from this device's rows.
 
   Args:
@@ -229,6 +230,9 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
     extra_cosines: float[local_batch, views, k] similarities of each view
       to `k` extra columns whose labels are 0..k-1 (class prototypes), or
       None. They join every anchor's contrast set (statistics path only).
+    contrast_z: float[local_batch, views, dim] embeddings that replace the
+      views as the contrast set (UniCon's universum: column j is made from
+      view j's image, so an anchor still skips its own index), or None.
 
   Returns:
     (mean loss over valid anchors; metrics `contrastive_acc`, `pos_logit`,
@@ -238,17 +242,19 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
   # Logits, log-sum-exps and sums in float32 whatever the embedding dtype:
   # bf16 has too few mantissa bits for a softmax over thousands of columns.
   z = z.astype(jnp.float32)
+  contrast = z if contrast_z is None else contrast_z.astype(jnp.float32)
   offset = 0 if axis_name is None else (
       jax.lax.axis_index(axis_name) * local_batch)
   view_ids = (offset * views + jnp.arange(local_batch * views)).astype(
       jnp.int32)
-  columns = streaming.Columns(z.reshape(local_batch * views, dim),
+  columns = streaming.Columns(contrast.reshape(local_batch * views, dim),
                               jnp.repeat(labels, views), view_ids)
   # Dividing the anchors (not the logits) by the temperature keeps it a
   # differentiable input however the logits are computed.
   if spec.contrast_mode == "all":
-    anchors = streaming.Anchors(columns.z / temperature, columns.labels,
-                                view_ids)
+    anchors = streaming.Anchors(
+        z.reshape(local_batch * views, dim) / temperature, columns.labels,
+        view_ids)
     weight = None if alignment_weight is None else alignment_weight.reshape(
         -1).astype(jnp.float32)
   else:

@@ -74,19 +74,22 @@ def _spec(variant: str, contrast_mode: str, denominator_mode: str,
 def family_loss(z: jax.Array, labels: jax.Array | None, *, temperature,
                 spec: infonce.Spec, loss_impl: str, block_size,
                 alignment_weight: jax.Array | None = None,
-                extra_cosines: jax.Array | None = None):
+                extra_cosines: jax.Array | None = None,
+                contrast_z: jax.Array | None = None):
   """The kernel over the global batch: `(loss, metrics)`.
 
   `labels=None` gives every sample its own class; built on the global batch
-  so that the ids stay unique once sharded. `alignment_weight` and
-  `extra_cosines` (see `infonce.kernel`) are sharded like `z`.
+  so that the ids stay unique once sharded. `alignment_weight`,
+  `extra_cosines` and `contrast_z` (see `infonce.kernel`) are sharded like
+  `z`.
   """
   spec.validate(z.shape[1])
   if labels is None:
     labels = jnp.arange(z.shape[0], dtype=jnp.int32)
   optional = {name: value for name, value in (
       ("alignment_weight", alignment_weight),
-      ("extra_cosines", extra_cosines)) if value is not None}
+      ("extra_cosines", extra_cosines), ("contrast_z", contrast_z))
+              if value is not None}
   names = tuple(optional)
 
   def kernel(z, labels, *values, axis_name):
