@@ -27,6 +27,11 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   classifier is scored directly (classifier_eval.json)
   unicon          views against mixup universum images (Han & Chen 2022),
                   tau 0.2, lam 0.5: a second encoder pass per step
+  fnc             NT-Xent over 2 + 2 support views with FNC's false negatives
+                  (top-10, cosine > 0.7) attracted, tau 0.2: twice the
+                  encoder work per image
+  fn_removal      NT-Xent with those false negatives removed from the
+                  denominator (Gupta et al. 2022), two views, tau 0.2
 Every variant shares the encoder, views, optimizer and budget, so that the
 result table (`make table`) compares losses only. tau 0.2 for the new losses
 follows the SimCLR/SupCon rows; eps 0.25 is a middle value of the margins the
@@ -36,7 +41,7 @@ paper explores, not tuned here.
 from configs import common
 
 METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
-           "esupcon", "unicon")
+           "esupcon", "unicon", "fnc", "fn_removal")
 
 def get_config(arg=None):
   args = common.parse_arg(arg, method="supcon")
@@ -75,6 +80,11 @@ def get_config(arg=None):
   elif args.method == "unicon":
     config.loss.update(name="unicon", temperature=0.2, use_labels=True)
     config.loss.kwargs = dict(lam=0.5, mix="mixup")
+  elif args.method in ("fnc", "fn_removal"):
+    config.loss.update(name=args.method, temperature=0.2, use_labels=False)
+    config.loss.kwargs = dict(fn_topk=10, fn_threshold=0.7)
+    if args.method == "fnc":
+      config.input.views = 4
   elif args.method == "esupcon":
     config.loss.update(name="esupcon", temperature=0.2, use_labels=True)
     config.model.num_prototypes = 10

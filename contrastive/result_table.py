@@ -104,6 +104,11 @@ ROWS = {
                    "configs/smoke_fashion_mnist.py:esupcon"),
     "unicon": Row("UniCon", "views vs mixup universum, tau 0.2",
                   "configs/smoke_fashion_mnist.py:unicon"),
+    "fnc": Row("FNC", "NT-Xent, 2+2 views, false negatives attracted",
+               "configs/smoke_fashion_mnist.py:fnc"),
+    "fn_removal": Row("False-negative removal",
+                      "NT-Xent, false negatives removed, tau 0.2",
+                      "configs/smoke_fashion_mnist.py:fn_removal"),
 }
 
 

@@ -14,20 +14,23 @@ Every loss also takes `loss_impl="gather" | "blockwise" | "ring"` and
 `block_size`: how the anchors meet the global batch, with the same value and
 gradient but per-device memory O(local * global), O(local * block + global *
 dim) or O(local * dim) (see `streaming.py`). Options that need every
-(anchor, positive) pair (`eps_supinfonce`, SupCon's `one_positive`
-denominator and `positives_cap`) run with "gather" only and say so.
+(anchor, positive) pair (`eps_supinfonce`, `fnc`, `fn_removal`, `fairkl`,
+SupCon's `one_positive` denominator and `positives_cap`) run with "gather"
+only and say so.
 
 All of them are members of one masked, weighted InfoNCE kernel
 (`infonce.py`): SimCLR and SupCon (`supcon.py`), DCL and DCLW (`dcl.py`),
 epsilon-SupInfoNCE and epsilon-SupCon (`unbiased.py`, with the FairKL
 regulariser), ESupCon (`esupcon.py`, class prototypes as extra columns),
-UniCon (`unicon.py`, the universum as the contrast set).
+UniCon (`unicon.py`, the universum as the contrast set), FNC and
+false-negative removal (`fnc.py`, masks edited by a detector).
 """
 
 from collections.abc import Callable
 
 from contrastive.losses import dcl
 from contrastive.losses import esupcon
+from contrastive.losses import fnc
 from contrastive.losses import supcon
 from contrastive.losses import unbiased
 from contrastive.losses import unicon
@@ -46,6 +49,8 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "fairkl": (unbiased.fairkl, unbiased.fairkl_with_metrics),
     "esupcon": (esupcon.esupcon, esupcon.esupcon_with_metrics),
     "unicon": (unicon.unicon, unicon.unicon_with_metrics),
+    "fnc": (fnc.fnc, fnc.fnc_with_metrics),
+    "fn_removal": (fnc.fn_removal, fnc.fn_removal_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the

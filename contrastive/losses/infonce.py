@@ -55,6 +55,32 @@ DENOMINATORS = ("all", "one_positive", "only_negatives")
 CONTRAST_MODES = ("all", "one")
 
 
+FALSE_NEGATIVE_MODES = ("attract", "eliminate")
+
+
+@dataclasses.dataclass(frozen=True)
+class FalseNegatives:
+  """FNC's false-negative detector and what to do with what it finds.
+
+  A column (a view of another sample) is a false negative of every view of
+  sample k if it is among the `topk` columns most similar to sample k,
+  scoring a column by its best cosine with any of k's views, and that score
+  exceeds `threshold` (google-research/fnc `objective.py`). "attract" makes
+  it a positive (FNC's default), "eliminate" drops it from the denominator
+  (FNC's other mode; Gupta et al.'s false-negative removal).
+  """
+  mode: str = "attract"
+  topk: int = 10
+  threshold: float = 0.7
+
+  def validate(self) -> None:
+    if self.mode not in FALSE_NEGATIVE_MODES:
+      raise ValueError(f"Unknown false-negative mode {self.mode!r}; use one "
+                       f"of {FALSE_NEGATIVE_MODES}.")
+    if self.topk < 1:
+      raise ValueError(f"fn_topk must be >= 1, got {self.topk}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """Which member of the family: see the module docstring."""
@@ -63,8 +89,11 @@ class Spec:
   margin: float = 0.0
   positives_cap: int = -1  # Other-sample positive views; < 0: no cap.
   contrast_mode: str = "all"  # "one": only view 0 of each sample anchors.
+  false_negatives: FalseNegatives | None = None
 
   def validate(self, views: int) -> None:
+    if self.false_negatives is not None:
+      self.false_negatives.validate()
     if self.summation not in SUMMATIONS:
       raise ValueError(f"Unknown summation {self.summation!r}; use one of "
                        f"{SUMMATIONS} ('out' is SupCon's L_out).")
@@ -86,7 +115,8 @@ class Spec:
   @property
   def needs_pairs(self) -> bool:
     """Whether only the dense per-pair computation can do it."""
-    return self.denominator == "one_positive" or self.positives_cap >= 0
+    return (self.denominator == "one_positive" or self.positives_cap >= 0
+            or self.false_negatives is not None)
 
 
 def _safe_lse(x: jax.Array, mask: jax.Array, empty: float) -> jax.Array:
@@ -191,6 +221,30 @@ def with_extra_columns(stats: streaming.Stats, logits: jax.Array,
       0.0))
 
 
+def detect_false_negatives(samples_z: jax.Array, sample_ids: jax.Array,
+                           columns: streaming.Columns, views: int,
+                           detector: FalseNegatives) -> jax.Array:
+  """bool[local samples, columns]: FNC's false negatives of each sample.
+
+  Args:
+    samples_z: float32[b, views, dim] this device's L2-normalised views.
+    sample_ids: int32[b] their global sample indices.
+    columns: the global contrast set (z not divided by the temperature).
+    views: views per sample.
+    detector: top-k and threshold.
+  """
+  # No gradient: the detector chooses masks, as FNC's top_k / greater do.
+  samples_z = jax.lax.stop_gradient(samples_z)
+  column_z = jax.lax.stop_gradient(columns.z)
+  scores = jnp.einsum("bvd,md->bvm", samples_z, column_z,
+                      precision=jax.lax.Precision.HIGHEST).max(axis=1)
+  own = sample_ids[:, None] == (columns.ids // views)[None, :]
+  scores = jnp.where(own | (columns.ids < 0)[None, :], -jnp.inf, scores)
+  topk = min(detector.topk, scores.shape[1])
+  threshold_in_topk = jax.lax.top_k(scores, topk)[0][:, -1:]
+  return (scores >= threshold_in_topk) & (scores > detector.threshold)
+
+
 def _capped_positive(anchors: streaming.Anchors, columns: streaming.Columns,
                      views: int, cap: int) -> jax.Array:
   """P(i) with at most `cap / views` other samples: the first ones in global
@@ -270,6 +324,7 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
     extra_positive = (anchors.labels[:, None]
                       == jnp.arange(extra.shape[-1])[None, :])
 
+  false_negatives_found = None
   if spec.needs_pairs:
     if extra_cosines is not None:
       raise ValueError("Extra columns (prototypes) work with the "
@@ -288,10 +343,20 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
     not_self = anchors.ids[:, None] != columns.ids[None, :]
     same_label = anchors.labels[:, None] == columns.labels[None, :]
     positive = same_label & not_self
+    negative = ~same_label
     if spec.positives_cap >= 0:
       positive &= _capped_positive(anchors, columns, views,
                                    spec.positives_cap)
-    per_anchor, valid = dense_per_anchor(logits, positive, ~same_label, spec,
+    if spec.false_negatives is not None:
+      per_sample = detect_false_negatives(
+          z, offset + jnp.arange(local_batch), columns, views,
+          spec.false_negatives)
+      false_negative = per_sample[anchors.ids // views - offset] & negative
+      negative &= ~false_negative
+      false_negatives_found = false_negative.sum().astype(jnp.float32)
+      if spec.false_negatives.mode == "attract":
+        positive |= false_negative
+    per_anchor, valid = dense_per_anchor(logits, positive, negative, spec,
                                          weight)
     stats = jax.lax.stop_gradient(streaming.dense_stats(
         anchors, columns, streaming.Needs()))
@@ -315,7 +380,10 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
       "num_pos": stats.num_pos.sum(),
       "neg_logit": (stats.logit_sum - pos_sum).sum(),
       "num_neg": (stats.num_den - stats.num_pos).sum(),
+      "anchors": jnp.asarray(stats.num_pos.shape[0], jnp.float32),
   }
+  if false_negatives_found is not None:
+    sums["false_negatives"] = false_negatives_found
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   # The maximum only matters when no anchor is valid: the sum is then 0 and
@@ -326,4 +394,7 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
       "pos_logit": sums["pos_logit"] / jnp.maximum(sums["num_pos"], 1.0),
       "neg_logit": sums["neg_logit"] / jnp.maximum(sums["num_neg"], 1.0),
   }
+  if false_negatives_found is not None:
+    metrics["false_negatives_per_anchor"] = (sums["false_negatives"]
+                                             / sums["anchors"])
   return loss, metrics
