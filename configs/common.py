@@ -67,7 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
       head=dict(hidden_dims=(2048, 2048), out_dim=128, use_bn=True),
       # Learnable class prototypes in the embedding space (ESupCon): the
       # number of classes, or 0 for none.
-      num_prototypes=0)
+      num_prototypes=0,
+      # Deep Bregman divergence: K sub-networks on the encoder features
+      # (0: none), each Dense(hidden_dim)-ReLU-Dense(1).
+      bregman=dict(subnetworks=0, hidden_dim=256))
 
   # `use_labels` passes the class labels to the loss (SupCon); `kwargs` are
   # the loss's own options, e.g. variant / contrast_mode / base_temperature.

@@ -32,6 +32,8 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   encoder work per image
   fn_removal      NT-Xent with those false negatives removed from the
                   denominator (Gupta et al. 2022), two views, tau 0.2
+  bregman         NT-Xent + the deep Bregman term (Rezaei et al. 2021): 16
+                  sub-networks (Dense 64-ReLU-Dense 1), lambd 1, tau 0.2
 Every variant shares the encoder, views, optimizer and budget, so that the
 result table (`make table`) compares losses only. tau 0.2 for the new losses
 follows the SimCLR/SupCon rows; eps 0.25 is a middle value of the margins the
@@ -41,7 +43,7 @@ paper explores, not tuned here.
 from configs import common
 
 METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
-           "esupcon", "unicon", "fnc", "fn_removal")
+           "esupcon", "unicon", "fnc", "fn_removal", "bregman")
 
 def get_config(arg=None):
   args = common.parse_arg(arg, method="supcon")
@@ -85,6 +87,10 @@ def get_config(arg=None):
     config.loss.kwargs = dict(fn_topk=10, fn_threshold=0.7)
     if args.method == "fnc":
       config.input.views = 4
+  elif args.method == "bregman":
+    config.loss.update(name="bregman", temperature=0.2, use_labels=False)
+    config.loss.kwargs = dict(lambd=1.0)
+    config.model.bregman.update(subnetworks=16, hidden_dim=64)
   elif args.method == "esupcon":
     config.loss.update(name="esupcon", temperature=0.2, use_labels=True)
     config.model.num_prototypes = 10

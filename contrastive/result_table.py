@@ -109,6 +109,8 @@ ROWS = {
     "fn_removal": Row("False-negative removal",
                       "NT-Xent, false negatives removed, tau 0.2",
                       "configs/smoke_fashion_mnist.py:fn_removal"),
+    "bregman": Row("Deep Bregman", "NT-Xent + Bregman term, tau 0.2",
+                   "configs/smoke_fashion_mnist.py:bregman"),
 }
 
 

@@ -98,6 +98,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
             f"Loss {loss_config.name!r} needs class prototypes; set "
             "--config.model.num_prototypes to the number of classes.")
       extra["prototype_cosines"] = outputs["prototype_cosines"]
+    if "bregman_phi" in needs:
+      if "bregman_phi" not in outputs:
+        raise ValueError(
+            f"Loss {loss_config.name!r} needs the Bregman sub-networks; set "
+            "--config.model.bregman.subnetworks to K > 0.")
+      extra["bregman_phi"] = outputs["bregman_phi"]
     loss, loss_metrics = loss_fn(
         outputs["embedding"], labels, temperature=loss_config.temperature,
         loss_impl=loss_config.loss_impl,

@@ -547,3 +547,67 @@ def test_false_negative_losses_match_reference(name, mode, views):
   z = _embeddings(rng, 16, views, 3)
   expected = _run(name, z, None, 1, **kwargs)
   _assert_same(_run(name, z, None, 8, **kwargs), expected)
+
+
+def _bregman_reference(z, phi, temperature, tau_b, lambd):
+  """NT-Xent(z) + lambd * the InfoNCE of similarities -D(x_i, x_j) / tau_b,
+  D(x, y) = phi_{k*(x)}(x) - phi_{k*(y)}(x) (literally, not simplified)."""
+  phi = np.asarray(phi, np.float64).reshape(-1, phi.shape[-1])
+  n = len(phi)
+  views = n // z.shape[0]
+  k_star = np.argmax(phi, axis=1)
+  terms = []
+  for i in range(n):
+    d = np.array([phi[i, k_star[i]] - phi[i, k_star[j]] for j in range(n)])
+    s = -d / tau_b
+    log_den = np.log(sum(np.exp(s[j]) for j in range(n) if j != i))
+    positives = [j for j in range(n) if j != i and j // views == i // views]
+    terms.append(np.mean([log_den - s[p] for p in positives]))
+  nt_xent = _reference(z, None, temperature)
+  return nt_xent + lambd * np.mean(terms)
+
+
+def test_bregman_matches_reference_on_one_and_eight_devices():
+  rng = np.random.default_rng(12)
+  z = _embeddings(rng, 8, 2, 5)
+  phi = rng.normal(size=(8, 2, 4)).astype(np.float32)
+  kwargs = dict(temperature=0.2, bregman_temperature=0.5, lambd=0.7)
+  fn = lambda z, phi: losses.get("bregman")(z, bregman_phi=phi, **kwargs)
+  reference = lambda z, phi: _bregman_reference(z, phi, 0.2, 0.5, 0.7)
+  np.testing.assert_allclose(fn(z, phi), reference(z, phi), rtol=1e-5)
+  grad_z, grad_phi = jax.grad(fn, argnums=(0, 1))(z, phi)
+  np.testing.assert_allclose(grad_z, _finite_difference_grad(
+      lambda x: reference(x, phi), z), rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(grad_phi, _finite_difference_grad(
+      lambda x: reference(z, x), phi), rtol=1e-3, atol=1e-4)
+  z = _embeddings(rng, 32, 2, 8)
+  phi = rng.normal(size=(32, 2, 6)).astype(np.float32)
+  value_and_grad = lambda impl: jax.jit(jax.value_and_grad(
+      lambda z, phi: losses.get("bregman")(
+          z, bregman_phi=phi, loss_impl=impl, block_size=5, **kwargs),
+      argnums=(0, 1)))
+  expected = value_and_grad("gather")(z, phi)
+  mesh = sharding.make_mesh()
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    for impl in ("gather", "blockwise", "ring"):
+      value, grads = value_and_grad(impl)(put(z), put(phi))
+      np.testing.assert_allclose(value, expected[0], rtol=1e-5)
+      for got, want in zip(grads, expected[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_bregman_divergence_of_an_affine_max_is_the_classical_one():
+  from contrastive.losses import bregman  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(13)
+  a, b = rng.normal(size=(5, 3)), rng.normal(size=5)
+  x, y = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
+  psi = lambda u: np.max(u @ a.T + b, axis=-1)
+  grad_psi = lambda u: a[np.argmax(u @ a.T + b, axis=-1)]
+  classical = (psi(x)[:, None] - psi(y)[None, :]
+               - np.einsum("md,nmd->nm", grad_psi(y),
+                           x[:, None, :] - y[None, :, :]))
+  got = bregman.bregman_divergence(jnp.asarray(x @ a.T + b),
+                                   jnp.asarray(y @ a.T + b))
+  np.testing.assert_allclose(got, classical, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(got) >= -1e-6)

@@ -51,7 +51,7 @@ def _run_steps(config, mesh, batches, num_steps=2):
 @pytest.mark.parametrize("method,loss_impl", [
     ("simclr", "gather"), ("supcon", "gather"), ("supcon", "ring"),
     ("dclw", "ring"), ("eps_supinfonce", "gather"), ("fairkl", "gather"),
-    ("esupcon", "ring"), ("fnc", "gather"),
+    ("esupcon", "ring"), ("fnc", "gather"), ("bregman", "blockwise"),
     pytest.param("simclr", "blockwise", marks=pytest.mark.slow)])
 def test_eight_devices_equal_one(method, loss_impl):
   rng = np.random.default_rng(0)

@@ -23,11 +23,13 @@ All of them are members of one masked, weighted InfoNCE kernel
 epsilon-SupInfoNCE and epsilon-SupCon (`unbiased.py`, with the FairKL
 regulariser), ESupCon (`esupcon.py`, class prototypes as extra columns),
 UniCon (`unicon.py`, the universum as the contrast set), FNC and
-false-negative removal (`fnc.py`, masks edited by a detector).
+false-negative removal (`fnc.py`, masks edited by a detector), the deep
+Bregman term (`bregman.py`, a second softmax over one-hot columns).
 """
 
 from collections.abc import Callable
 
+from contrastive.losses import bregman
 from contrastive.losses import dcl
 from contrastive.losses import esupcon
 from contrastive.losses import fnc
@@ -51,6 +53,7 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "unicon": (unicon.unicon, unicon.unicon_with_metrics),
     "fnc": (fnc.fnc, fnc.fnc_with_metrics),
     "fn_removal": (fnc.fn_removal, fnc.fn_removal_with_metrics),
+    "bregman": (bregman.bregman, bregman.bregman_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
@@ -58,13 +61,17 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
 # before the projection head), "bias_labels" (the batch's `bias_label`,
 # from a dataset that has one), "prototype_cosines" (the model's
 # [batch, views, classes] cosines to its class prototypes,
-# `config.model.num_prototypes`) and "universum" (the embeddings of
-# UniCon's universum images, which the trainer makes and embeds).
-EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum")
+# `config.model.num_prototypes`), "universum" (the embeddings of UniCon's
+# universum images, which the trainer makes and embeds) and "bregman_phi"
+# (the model's [batch, views, K] Bregman sub-network outputs,
+# `config.model.bregman.subnetworks`).
+EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum",
+                "bregman_phi")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
     "unicon": ("universum",),
+    "bregman": ("bregman_phi",),
 }
 
 

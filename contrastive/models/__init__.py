@@ -26,4 +26,8 @@ def create(model_config: ml_collections.ConfigDict) -> encoder.ContrastiveModel:
       bn_momentum=model_config.bn_momentum,
       dtype=DTYPES[model_config.dtype],
       num_prototypes=model_config.get("num_prototypes", 0),
+      bregman_subnetworks=model_config.get("bregman", {}).get(
+          "subnetworks", 0),
+      bregman_hidden_dim=model_config.get("bregman", {}).get(
+          "hidden_dim", 256),
   )

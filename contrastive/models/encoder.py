@@ -5,6 +5,9 @@ h is the pooled encoder output (what linear evaluation reads), z the
 normalised projection the contrastive loss consumes. With `num_prototypes`
 > 0 the model also holds learnable class prototypes w_c in z's space and
 returns `"prototype_cosines"`: z . w_c / |w_c| (ESupCon's classifier).
+With `bregman_subnetworks` = K > 0 it returns `"bregman_phi"`: the K
+outputs phi_k(h) of the deep Bregman divergence's sub-networks, each an MLP
+on the encoder features (see `contrastive/losses/bregman.py`).
 
 Heads:
   - SimCLR: `hidden_dims=(2048, 2048), out_dim=128, use_bn=True`
@@ -46,6 +49,21 @@ class ProjectionHead(nn.Module):
     return x
 
 
+class BregmanSubnetworks(nn.Module):
+  """K independent MLPs h -> scalar (Dense-ReLU-Dense each), batched."""
+  num: int
+  hidden_dim: int = 256
+
+  @nn.compact
+  def __call__(self, h):
+    h = h.astype(jnp.float32)
+    hidden = nn.relu(nn.DenseGeneral((self.num, self.hidden_dim))(h))
+    kernel = self.param("out_kernel", nn.initializers.lecun_normal(),
+                        (self.num, self.hidden_dim))
+    bias = self.param("out_bias", nn.initializers.zeros, (self.num,))
+    return jnp.einsum("bkh,kh->bk", hidden, kernel) + bias
+
+
 def l2_normalize(x, eps=1e-12):
   x = x.astype(jnp.float32)
   return x * jnp.reciprocal(
@@ -63,6 +81,8 @@ class ContrastiveModel(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
   num_prototypes: int = 0
+  bregman_subnetworks: int = 0
+  bregman_hidden_dim: int = 256
 
   def setup(self):
     self.encoder = resnet.ResNet(
@@ -75,6 +95,9 @@ class ContrastiveModel(nn.Module):
       self.prototypes = self.param(
           "prototypes", nn.initializers.normal(stddev=1.0),
           (self.num_prototypes, self.head_out_dim), jnp.float32)
+    if self.bregman_subnetworks:
+      self.bregman = BregmanSubnetworks(self.bregman_subnetworks,
+                                        self.bregman_hidden_dim)
 
   def __call__(self, x, train: bool):
     h = self.encoder(x, train=train)
@@ -84,6 +107,8 @@ class ContrastiveModel(nn.Module):
       outputs["prototype_cosines"] = jnp.matmul(
           z, l2_normalize(self.prototypes).T,
           precision=jax.lax.Precision.HIGHEST)
+    if self.bregman_subnetworks:
+      outputs["bregman_phi"] = self.bregman(h)
     return outputs
 
   def classify(self, x):
