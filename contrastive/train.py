@@ -37,6 +37,7 @@ from contrastive import training_loop
 from contrastive.data import input_pipeline
 from contrastive.evaluation import linear
 from contrastive.evaluation import online
+from contrastive.losses import excon
 from contrastive.losses import unicon
 
 
@@ -58,6 +59,17 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   images = batch["image"]
   labels = batch["label"] if loss_config.use_labels else None
   needs = losses.extra_inputs(loss_config.name)
+  extra_metrics = {}
+  if "explanations" in needs:
+    if probe_tx is None:
+      raise ValueError(f"Loss {loss_config.name!r} explains the online "
+                       "probe's predictions; set "
+                       "--config.online_eval.probe=True.")
+    options = {key: loss_config.kwargs[key] for key in
+               excon.EXPLANATION_OPTIONS if key in loss_config.kwargs}
+    images, extra_metrics["masked_view_fraction"] = excon.explanation_views(
+        model, {"params": state.params, "batch_stats": state.batch_stats},
+        state.probe_params, images, batch["label"], **options)
   universum_images = None
   if "universum" in needs:
     if grad_cache_chunks:
@@ -140,6 +152,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
       "grad_norm": optax.global_norm(grads),
       "param_norm": optax.global_norm(params),
       **loss_metrics,
+      **extra_metrics,
   }
   probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
   if probe_tx is not None:

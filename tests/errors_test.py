@@ -144,13 +144,13 @@ def test_workdir_of_another_config_refuses_unless_forced(config, tmp_path):
   workdir = str(tmp_path)
   run_dir.check_config(workdir, config, has_checkpoint=False)
   changed = config.copy_and_resolve_references()
-  changed.loss.temperature = 0.5
+  changed.loss.temperature = 0.7
   changed.log_every_steps = 7  # Ignored: does not change the run.
   changed.total_steps = 50  # Ignored: extending a run is allowed.
   with pytest.raises(run_dir.ConfigMismatchError) as error:
     run_dir.check_config(workdir, changed, has_checkpoint=True)
   message = _one_line(error)
-  assert "loss.temperature: 0.2 -> 0.5" in message
+  assert "loss.temperature: 0.5 -> 0.7" in message
   assert "log_every_steps" not in message and "total_steps" not in message
   assert "--config.resume=force" in message
   changed.resume = "force"

@@ -24,7 +24,8 @@ epsilon-SupInfoNCE and epsilon-SupCon (`unbiased.py`, with the FairKL
 regulariser), ESupCon (`esupcon.py`, class prototypes as extra columns),
 UniCon (`unicon.py`, the universum as the contrast set), FNC and
 false-negative removal (`fnc.py`, masks edited by a detector), the deep
-Bregman term (`bregman.py`, a second softmax over one-hot columns).
+Bregman term (`bregman.py`, a second softmax over one-hot columns), ExCon
+(`excon.py`, SupCon over saliency-masked views).
 """
 
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from contrastive.losses import bregman
 from contrastive.losses import dcl
 from contrastive.losses import esupcon
+from contrastive.losses import excon
 from contrastive.losses import fnc
 from contrastive.losses import supcon
 from contrastive.losses import unbiased
@@ -54,6 +56,7 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "fnc": (fnc.fnc, fnc.fnc_with_metrics),
     "fn_removal": (fnc.fn_removal, fnc.fn_removal_with_metrics),
     "bregman": (bregman.bregman, bregman.bregman_with_metrics),
+    "excon": (excon.excon, excon.excon_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
@@ -64,14 +67,16 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
 # `config.model.num_prototypes`), "universum" (the embeddings of UniCon's
 # universum images, which the trainer makes and embeds) and "bregman_phi"
 # (the model's [batch, views, K] Bregman sub-network outputs,
-# `config.model.bregman.subnetworks`).
+# `config.model.bregman.subnetworks`). "explanations" is not an input but a
+# step the trainer runs first: ExCon's saliency-masked views.
 EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum",
-                "bregman_phi")
+                "bregman_phi", "explanations")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
     "unicon": ("universum",),
     "bregman": ("bregman_phi",),
+    "excon": ("explanations",),
 }
 
 

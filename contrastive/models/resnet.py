@@ -96,4 +96,9 @@ class ResNet(nn.Module):
       for i in range(num_blocks):
         strides = 2 if stage > 0 and i == 0 else 1
         x = block(filters, strides, norm, self.dtype)(x)
+      # Each stage's output, for explanations (Grad-CAM, `saliency.py`):
+      # its value when "intermediates" is mutable, its gradient through a
+      # zero "perturbations" variable when one is passed; otherwise no-ops.
+      self.sow("intermediates", f"stage{stage}", x)
+      x = self.perturb(f"stage{stage}", x)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
