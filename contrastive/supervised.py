@@ -248,22 +248,15 @@ def encoder_state(state: state_lib.TrainState) -> state_lib.TrainState:
 def evaluate_classifier(config: ml_collections.ConfigDict, model,
                         state: state_lib.TrainState, mesh) -> dict[str, Any]:
   """Top-1/top-5 of the trained classifier on `linear_eval`'s test split."""
-  dataset = config.linear_eval.dataset or config.input.dataset
   logits_fn = jax.jit(
       lambda params, batch_stats, x: classifier_logits(
           params[CLASSIFIER],
           model.apply({"params": params[ENCODER], "batch_stats": batch_stats},
                       x, method=model.features)),
       out_shardings=sharding.batch_sharding(mesh))
-  logits, labels = linear.extract(
-      config, dataset, config.linear_eval.test_split, mesh,
-      lambda x: logits_fn(state.params, state.batch_stats, x))
-  top5 = np.argsort(-logits, axis=-1)[:, :5]
-  return {"top1": float(np.mean(top5[:, 0] == labels)),
-          "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
-          "dataset": dataset, "split": config.linear_eval.test_split,
-          "num_test": int(labels.shape[0]),
-          "step": int(jax.device_get(state.step))}
+  return linear.evaluate_classifier_logits(
+      config, mesh, lambda x: logits_fn(state.params, state.batch_stats, x),
+      int(jax.device_get(state.step)))
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:

@@ -19,7 +19,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import tensorflow as tf
 
@@ -39,6 +38,15 @@ from contrastive.evaluation import linear
 from contrastive.evaluation import online
 from contrastive.losses import excon
 from contrastive.losses import unicon
+
+
+# Loss inputs that are model outputs, and the setting that makes the model
+# produce them.
+_MODEL_OUTPUTS = {
+    "prototype_cosines": ("--config.model.num_prototypes to the number of "
+                          "classes"),
+    "bregman_phi": "--config.model.bregman.subnetworks to K > 0",
+}
 
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
@@ -104,18 +112,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
             "dataset that has them (e.g. input.dataset="
             "'biased_fashion_mnist/rho0.99').")
       extra["bias_labels"] = batch["bias_label"]
-    if "prototype_cosines" in needs:
-      if "prototype_cosines" not in outputs:
-        raise ValueError(
-            f"Loss {loss_config.name!r} needs class prototypes; set "
-            "--config.model.num_prototypes to the number of classes.")
-      extra["prototype_cosines"] = outputs["prototype_cosines"]
-    if "bregman_phi" in needs:
-      if "bregman_phi" not in outputs:
-        raise ValueError(
-            f"Loss {loss_config.name!r} needs the Bregman sub-networks; set "
-            "--config.model.bregman.subnetworks to K > 0.")
-      extra["bregman_phi"] = outputs["bregman_phi"]
+    for name, setting in _MODEL_OUTPUTS.items():
+      if name in needs:
+        if name not in outputs:
+          raise ValueError(f"Loss {loss_config.name!r} needs the model's "
+                           f"{name!r}; set {setting}.")
+        extra[name] = outputs[name]
     loss, loss_metrics = loss_fn(
         outputs["embedding"], labels, temperature=loss_config.temperature,
         loss_impl=loss_config.loss_impl,
@@ -191,20 +193,13 @@ def evaluate_prototypes(config: ml_collections.ConfigDict, model, state,
                         mesh) -> dict[str, Any]:
   """Top-1/top-5 of the model's prototype classifier (argmax of the cosines
   to the class prototypes) on `linear_eval`'s test split."""
-  dataset = config.linear_eval.dataset or config.input.dataset
   logits_fn = jax.jit(
       lambda variables, x: model.apply(variables, x, method=model.classify),
       out_shardings=sharding.batch_sharding(mesh))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  logits, labels = linear.extract(
-      config, dataset, config.linear_eval.test_split, mesh,
-      lambda x: logits_fn(variables, x))
-  top5 = np.argsort(-logits, axis=-1)[:, :5]
-  return {"top1": float(np.mean(top5[:, 0] == labels)),
-          "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
-          "dataset": dataset, "split": config.linear_eval.test_split,
-          "num_test": int(labels.shape[0]),
-          "step": int(jax.device_get(state.step))}
+  return linear.evaluate_classifier_logits(
+      config, mesh, lambda x: logits_fn(variables, x),
+      int(jax.device_get(state.step)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

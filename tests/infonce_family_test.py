@@ -13,6 +13,8 @@ from contrastive import sharding
 from contrastive.losses import unbiased
 from losses_test import _embeddings
 from losses_test import _finite_difference_grad
+from streaming_test import _assert_same
+from streaming_test import _run
 
 
 def _reference(z, labels, temperature, *, denominator="all", summation="out",
@@ -186,28 +188,6 @@ def test_degenerate_settings_reduce_to_known_losses():
   # A cap that exceeds every class's size changes nothing.
   assert get("supcon", z, labels, positives_cap=24) == pytest.approx(
       get("supcon", z, labels), rel=1e-6)
-
-
-def _run(name, z, labels, devices, **kwargs):
-  fn = functools.partial(losses.get_with_metrics(name), **kwargs)
-  step = jax.jit(jax.value_and_grad(fn, has_aux=True))
-  mesh = sharding.make_mesh(devices=jax.devices()[:devices])
-  with jax.set_mesh(mesh):
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
-    (loss, metrics), grad = step(put(z),
-                                 None if labels is None else put(labels))
-  return float(loss), jax.device_get(metrics), np.asarray(grad)
-
-
-def _assert_same(result, expected):
-  loss, metrics, grad = result
-  loss_ref, metrics_ref, grad_ref = expected
-  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-  for key, value in metrics_ref.items():
-    np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6)
-  scale = np.abs(grad_ref).max()
-  assert scale > 0
-  np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-5 * scale)
 
 
 SHARDED = {

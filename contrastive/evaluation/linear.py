@@ -99,6 +99,23 @@ def topk_accuracy(params, x: np.ndarray, y: np.ndarray,
           for k in ks}
 
 
+def evaluate_classifier_logits(config, mesh, logits_fn,
+                               step: int) -> dict[str, Any]:
+  """Top-1/top-5 of a trained classifier on `linear_eval`'s test split.
+
+  `logits_fn(images)` maps a global batch-sharded `f32[b, H, W, C]` to
+  logits (the CE model's classifier, ESupCon's prototypes).
+  """
+  dataset = config.linear_eval.dataset or config.input.dataset
+  logits, labels = extract(config, dataset, config.linear_eval.test_split,
+                           mesh, logits_fn)
+  top5 = np.argsort(-logits, axis=-1)[:, :5]
+  return {"top1": float(np.mean(top5[:, 0] == labels)),
+          "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
+          "dataset": dataset, "split": config.linear_eval.test_split,
+          "num_test": int(labels.shape[0]), "step": step}
+
+
 def _knn_scores(eval_config, train_x, train_y, test_x, test_y,
                 num_classes: int) -> dict[str, float]:
   result = {}

@@ -56,8 +56,16 @@ def _check_epsilon(epsilon) -> None:
                      f"{epsilon}.")
 
 
-def _scaled(result, temperature, base_temperature):
-  loss, metrics = result
+def _eps_loss(z, labels, denominator: str, *, temperature, epsilon,
+              base_temperature, contrast_mode, loss_impl, block_size):
+  supcon.validate_inputs(z, labels, temperature=temperature,
+                         base_temperature=base_temperature)
+  _check_epsilon(epsilon)
+  spec = infonce.Spec(denominator=denominator, margin=epsilon,
+                      contrast_mode=contrast_mode)
+  loss, metrics = supcon.family_loss(
+      z, labels, temperature=temperature, spec=spec, loss_impl=loss_impl,
+      block_size=block_size)
   if base_temperature is not None:
     loss = loss * (temperature / base_temperature)
   return loss, metrics
@@ -84,14 +92,10 @@ def eps_supinfonce_with_metrics(
   Returns:
     (loss, metrics) as in `supcon.supcon_with_metrics`.
   """
-  supcon.validate_inputs(z, labels, temperature=temperature,
-                         base_temperature=base_temperature)
-  _check_epsilon(epsilon)
-  spec = infonce.Spec(denominator="one_positive", margin=epsilon,
-                      contrast_mode=contrast_mode)
-  return _scaled(supcon.family_loss(
-      z, labels, temperature=temperature, spec=spec, loss_impl=loss_impl,
-      block_size=block_size), temperature, base_temperature)
+  return _eps_loss(z, labels, "one_positive", temperature=temperature,
+                   epsilon=epsilon, base_temperature=base_temperature,
+                   contrast_mode=contrast_mode, loss_impl=loss_impl,
+                   block_size=block_size)
 
 
 def eps_supcon_with_metrics(
@@ -100,14 +104,10 @@ def eps_supcon_with_metrics(
     loss_impl: str = "gather", block_size: int | None = None):
   """epsilon-SupCon (Eq. 18) and metrics; arguments as
   `eps_supinfonce_with_metrics`, with every `loss_impl`."""
-  supcon.validate_inputs(z, labels, temperature=temperature,
-                         base_temperature=base_temperature)
-  _check_epsilon(epsilon)
-  spec = infonce.Spec(denominator="all", margin=epsilon,
-                      contrast_mode=contrast_mode)
-  return _scaled(supcon.family_loss(
-      z, labels, temperature=temperature, spec=spec, loss_impl=loss_impl,
-      block_size=block_size), temperature, base_temperature)
+  return _eps_loss(z, labels, "all", temperature=temperature,
+                   epsilon=epsilon, base_temperature=base_temperature,
+                   contrast_mode=contrast_mode, loss_impl=loss_impl,
+                   block_size=block_size)
 
 
 def eps_supinfonce(z, labels=None, **options) -> jax.Array:

@@ -99,6 +99,8 @@ class ResNet(nn.Module):
       # Each stage's output, for explanations (Grad-CAM, `saliency.py`):
       # its value when "intermediates" is mutable, its gradient through a
       # zero "perturbations" variable when one is passed; otherwise no-ops.
-      self.sow("intermediates", f"stage{stage}", x)
-      x = self.perturb(f"stage{stage}", x)
+      # Not at init, so that the model's variables stay params and BN stats.
+      if not self.is_initializing():
+        self.sow("intermediates", f"stage{stage}", x)
+        x = self.perturb(f"stage{stage}", x)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
