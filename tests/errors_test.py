@@ -150,7 +150,7 @@ def test_workdir_of_another_config_refuses_unless_forced(config, tmp_path):
   with pytest.raises(run_dir.ConfigMismatchError) as error:
     run_dir.check_config(workdir, changed, has_checkpoint=True)
   message = _one_line(error)
-  assert "loss.temperature: 0.5 -> 0.7" in message
+  assert "loss.temperature: 0.2 -> 0.7" in message
   assert "log_every_steps" not in message and "total_steps" not in message
   assert "--config.resume=force" in message
   changed.resume = "force"

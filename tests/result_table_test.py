@@ -78,7 +78,7 @@ def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   table = (out / "fashion_mnist.md").read_text()
   assert "| Random init (no training) | - |" in table
-  assert "| SimCLR | NT-Xent, tau 0.5 |" in table
+  assert "| SimCLR | NT-Xent, tau 0.2 |" in table
   results = json.loads((out / "fashion_mnist.json").read_text())
   assert [r["name"] for r in results] == ["random_init", "simclr"]
   random_init, simclr = results
