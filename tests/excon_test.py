@@ -77,13 +77,11 @@ def test_masked_view_replaces_view_zero_only_where_it_is_classified_right():
   images = jnp.asarray(rng.uniform(0.1, 1, size=(6, 2, *IMAGE_SHAPE)),
                        jnp.float32)
   labels = jnp.asarray([0, 1, 0, 2, 0, 1])
-  classifier = _classifier(rng, 16)
   # A classifier that always answers class 0: only class-0 images qualify.
+  dim = model.apply(variables, images[:, 0], method=model.features).shape[-1]
+  classifier = _classifier(rng, dim)
   classifier["kernel"] = classifier["kernel"] * 1e-3
   classifier["bias"] = jnp.asarray([10.0, 0.0, 0.0])
-  dim = model.apply(variables, images[:, 0], method=model.features).shape[-1]
-  classifier = {**_classifier(rng, dim), "bias": classifier["bias"]}
-  classifier["kernel"] = classifier["kernel"] * 1e-3
   out, fraction = excon.explanation_views(
       model, variables, classifier, images, labels, saliency_threshold=0.5,
       gradcam_stage=1)
