@@ -21,6 +21,7 @@ ARGS = {"simclr_imagenet": [None, "r50x2", "r50x4,epochs=1000"],
                                 "excon"],
         "fnc_imagenet": [None, "fn_mode=eliminate,support=2"],
         "dcl_imagenet": [None, "dclw"],
+        "ce_imagenet": [None, "depth=200,epochs=1"],
         "eps_supinfonce_cifar": [None, "cifar100,method=eps_supcon"],
         "fairkl_biased_fashion_mnist": ["ce", "supcon", "eps_supinfonce",
                                         "fairkl,rho=0.999,epochs=1"]}
