@@ -61,5 +61,6 @@ def get_config(arg=None):
 
   config.linear_eval.update(enabled=True, train_split="train",
                             test_split="test", batch_size=1024, steps=300,
+                            l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
                             raw_pixel_baseline=False)
   return config

@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   # [(axis name, size)]; -1 takes the remaining devices.
   config.mesh = [("data", -1)]
 
+  # dtype "bfloat16": mixed precision, the encoder and head compute in bf16
+  # while parameters, BN statistics, optimizer and every loss stay float32
+  # (contrastive/models/encoder.py). Meant for TPU/GPU: on CPU it is no
+  # faster, rather slower (smoke step: same CPU time, ~20% more wall time).
   config.model = dict(
       name="resnet", depth=50, width=1.0, cifar_stem=False, bn_momentum=0.9,
       dtype="float32",
@@ -127,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=1024,
       steps=500,
       l2=1e-4,
+      # Non-empty: the "lbfgs" probe picks its L2 strength from these by
+      # top-1 on `validation_fraction` of the training split (held out, then
+      # refitted on all of it), as SimCLR's transfer protocol does.
+      l2_grid=(),
+      validation_fraction=0.1,
       raw_pixel_baseline=False,
       # Weighted kNN on the same frozen features (InstDisc / solo-learn
       # protocol): one result per k; () turns it off.

@@ -12,6 +12,12 @@ import json
 import os
 import sys
 
+from contrastive import xla_cpu
+
+# Before JAX reads XLA_FLAGS (its first backend), hence before its import.
+xla_cpu.add_cpu_flags()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging

@@ -18,7 +18,6 @@ no other randomness.
 
 from collections.abc import Callable, Iterator
 import math
-import time
 from typing import Any
 
 from absl import logging
@@ -31,6 +30,7 @@ from contrastive import metric_logging
 from contrastive import nonfinite
 from contrastive import preemption
 from contrastive import sharding
+from contrastive import throughput
 from contrastive.data import input_pipeline
 
 
@@ -91,6 +91,9 @@ def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
                     sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, replicated, replicated),
       donate_argnums=(0, 1))
+  # Before the input pipeline starts: on CPU the peak may be a timed probe.
+  peak_flops = throughput.peak_flops_per_device()
+  flops_per_step = None  # Per device, from the compiled step.
 
   # Batches are indexed by step, so a resumed run continues the same order.
   dataset = input_pipeline.pretrain_dataset(
@@ -112,28 +115,33 @@ def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
   # and the periodic evaluation (the time axis of accuracy-vs-time plots).
   train_seconds = 0.0
   with jax.set_mesh(mesh), preemption.Watcher() as watcher:
-    timer_step, timer_start = start_step, time.perf_counter()
+    timer = throughput.StepTimer()
     for step_number in range(start_step + 1, total_steps + 1):
+      batch = timer.next_batch(batches)
       with jax.profiler.StepTraceAnnotation("train", step_num=step_number):
-        state, tally, metrics = step_fn(state, tally, next(batches))
+        state, tally, metrics = step_fn(state, tally, batch)
       report_progress(step_number)
       if step_number == start_step + 1:
         # Keep compilation out of the throughput and time figures.
         jax.block_until_ready(state)
-        timer_step, timer_start = step_number, time.perf_counter()
+        # The new state and tally stand in for the donated inputs (same
+        # shapes and shardings): the compiled step is reused, not rebuilt.
+        flops_per_step = throughput.flops_per_device(step_fn, state, tally,
+                                                     batch)
+        timer.restart()
       last = step_number == total_steps
       log_now = step_number % config.log_every_steps == 0 or last
       eval_now = eval_every > 0 and (step_number % eval_every == 0 or last)
       if log_now or eval_now:
         bad_steps = nonfinite.check(tally, config.nonfinite)
         metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - timer_start
-        train_seconds += elapsed
-        rate = (images_per_step * (step_number - timer_step) / elapsed
-                if step_number > timer_step else float("nan"))
-        metrics.update(images_per_sec=rate,
-                       images_per_sec_per_device=rate / mesh.size,
-                       epoch=step_number / steps_per_epoch,
+        interval = timer.lap()
+        train_seconds += interval.wall_sec
+        metrics.update(throughput.interval_metrics(
+            interval, images_per_step=images_per_step, num_devices=mesh.size,
+            flops_per_step_per_device=flops_per_step,
+            peak_flops_per_device=peak_flops))
+        metrics.update(epoch=step_number / steps_per_epoch,
                        train_time_sec=train_seconds)
         if config.nonfinite == "skip":
           metrics["skipped_steps"] = bad_steps
@@ -141,10 +149,13 @@ def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
           metrics.update(evaluate_online(state))
         logger.write(step_number, metrics)
         last_metrics = metrics
-        logging.info("step %d/%d: loss %.4f, %s %.3f, %.1f images/s",
-                     step_number, total_steps, metrics["loss"],
-                     headline_metric, metrics[headline_metric], rate)
-        timer_step, timer_start = step_number, time.perf_counter()
+        logging.info("step %d/%d: loss %.4f, %s %.3f, %.1f images/s, MFU "
+                     "%.1f%%, input wait %.0f%%", step_number, total_steps,
+                     metrics["loss"], headline_metric,
+                     metrics[headline_metric], metrics["images_per_sec"],
+                     100 * metrics["mfu"],
+                     100 * metrics["input_wait_fraction"])
+        timer.restart()
       if watcher.reached(step_number) and not last:
         preempted = True
         break

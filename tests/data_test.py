@@ -345,6 +345,9 @@ _AUGMENT_CASES = {
     "view_gray": (lambda x, s: augment.simclr_view(x, s, size=24), 1),
     "view_jpeg": (lambda x, s: augment.simclr_view(
         x, s, size=24, encoded=True), "jpeg"),
+    "views_jpeg": (lambda x, s: augment.simclr_views(
+        x, tf.random.experimental.stateless_split(s, 2), size=24,
+        encoded=True), "jpeg"),
 }
 
 

@@ -54,7 +54,12 @@ def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
 def _sample_crop(image_shape: tf.Tensor, seed: Seed,
                  area_range: tuple[float, float],
                  aspect_range: tuple[float, float]) -> tuple[tf.Tensor, ...]:
-  """Samples a crop window; returns (offset_y, offset_x, height, width)."""
+  """Samples a crop window; returns (offset_y, offset_x, height, width).
+
+  `image_shape` is [H, W, C] (of a decoded image, or of a JPEG from
+  `tf.image.extract_jpeg_shape`): the window depends on the shape alone, so
+  a JPEG and its decoded pixels get the same window from the same seed.
+  """
   whole_image = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
   # `area_range` alone bounds the crop: with the whole image as the box,
   # `min_object_covered` would be a second, redundant area bound.
@@ -92,6 +97,18 @@ def random_resized_crop(image: tf.Tensor, seed: Seed, *, size: int,
   return _resize(to_float(crop), size)
 
 
+def _resize_crop(crop: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8 crop -> float32 [size, size, C] in [0, 1].
+
+  Scales to [0, 1] after the resize (linear, so the same up to rounding):
+  the output is ~half the pixels of the mean crop at SimCLR's crop areas.
+  The crop is cast first: TF's bicubic resize of uint8 is slower.
+  """
+  resized = tf.image.resize(tf.cast(crop, tf.float32), [size, size],
+                            method=tf.image.ResizeMethod.BICUBIC)
+  return tf.clip_by_value(resized * (1.0 / 255.0), 0.0, 1.0)
+
+
 def decode_and_random_resized_crop(
     encoded: tf.Tensor, seed: Seed, *, size: int,
     area_range: tuple[float, float] = (0.08, 1.0),
@@ -114,7 +131,53 @@ def decode_and_random_resized_crop(
                         area_range, aspect_range)
   crop = tf.image.decode_and_crop_jpeg(encoded, tf.stack(window),
                                        channels=channels)
-  return _resize(to_float(crop), size)
+  return _resize_crop(crop, size)
+
+
+def decode_and_random_resized_crops(
+    encoded: tf.Tensor, seeds: list[Seed], *, size: int,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    aspect_range: tuple[float, float] = (3 / 4, 4 / 3),
+    channels: int = 3) -> list[tf.Tensor]:
+  """Several random resized crops of one JPEG, decoding it at most once.
+
+  Each view's window is sampled from the JPEG header's shape exactly as
+  `decode_and_random_resized_crop` samples it from the same seed; then only
+  the smallest box holding all windows is decoded
+  (`tf.image.decode_and_crop_jpeg`), and each window is sliced out of it as
+  uint8 before the resize. One fused decode of the union costs less than one
+  per window (each pays a fixed share: the entropy decoding of the rows it
+  skips) and no more than a full decode. A view equals the single-window
+  fused decode but near a window's edges, where libjpeg's chroma upsampling
+  sees different neighbours (4:2:0 JPEGs; exact for 4:4:4).
+
+  Args:
+    encoded: scalar string tensor holding a JPEG.
+    seeds: one [2] seed per view, each choosing that view's window.
+    size: output side S.
+    area_range: range of a crop's fraction of the image area.
+    aspect_range: range of a crop's width / height.
+    channels: channels to decode to.
+
+  Returns:
+    One float32 [S, S, channels] view in [0, 1] per seed.
+  """
+  shape = tf.image.extract_jpeg_shape(encoded)
+  windows = tf.stack([tf.stack(_sample_crop(shape, seed, area_range,
+                                            aspect_range))
+                      for seed in seeds])  # [V, 4]: y, x, h, w.
+  top_left = tf.reduce_min(windows[:, :2], axis=0)
+  bottom_right = tf.reduce_max(windows[:, :2] + windows[:, 2:], axis=0)
+  union = tf.image.decode_and_crop_jpeg(
+      encoded, tf.concat([top_left, bottom_right - top_left], axis=0),
+      channels=channels)
+  views = []
+  for v in range(len(seeds)):
+    crop = tf.slice(union, tf.concat([windows[v, :2] - top_left, [0]], 0),
+                    tf.concat([windows[v, 2:], [-1]], 0))
+    crop.set_shape([None, None, channels])
+    views.append(_resize_crop(crop, size))
+  return views
 
 
 def random_flip(image: tf.Tensor, seed: Seed) -> tf.Tensor:
@@ -122,11 +185,27 @@ def random_flip(image: tf.Tensor, seed: Seed) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
+def _clip_if(image: tf.Tensor, needed: tf.Tensor) -> tf.Tensor:
+  """Clips to [0, 1] only if `needed`: the clip is a full pass over pixels."""
+  return tf.cond(needed, lambda: tf.clip_by_value(image, 0.0, 1.0),
+                 lambda: image)
+
+
 def _brightness(image: tf.Tensor, seed: Seed, delta: float) -> tf.Tensor:
   # SimCLR v2 scales brightness rather than shifting it.
   factor = tf.random.stateless_uniform([], seed, max(0.0, 1.0 - delta),
                                        1.0 + delta)
-  return image * factor
+  # Only a factor above 1 can leave [0, 1].
+  return _clip_if(image * factor, factor > 1.0)
+
+
+def _contrast(image: tf.Tensor, seed: Seed, low: float,
+              high: float) -> tf.Tensor:
+  # The factor `tf.image.stateless_random_contrast` draws from this seed.
+  factor = tf.random.stateless_uniform([], seed, low, high)
+  # Below 1, pixels move towards their mean: they stay in [0, 1] (up to
+  # rounding, which the final clip of `color_jitter` catches).
+  return _clip_if(tf.image.adjust_contrast(image, factor), factor > 1.0)
 
 
 def color_jitter(image: tf.Tensor, seed: Seed, *,
@@ -142,12 +221,16 @@ def color_jitter(image: tf.Tensor, seed: Seed, *,
     strength: s.
 
   Returns:
-    The jittered image, clipped to [0, 1] after each op as SimCLR does.
+    The jittered image, in [0, 1] after each op as SimCLR clips it. Clips
+    run only where an op can leave [0, 1] (brightness or contrast above 1;
+    saturation and hue keep HSV values in range), and once at the end for
+    rounding: the same images (to rounding) as clipping after every op,
+    at half the clips.
   """
   low, high = max(0.0, 1.0 - 0.8 * strength), 1.0 + 0.8 * strength
   ops = [
       functools.partial(_brightness, delta=0.8 * strength),
-      lambda x, s: tf.image.stateless_random_contrast(x, low, high, s),
+      functools.partial(_contrast, low=low, high=high),
   ]
   if image.shape[-1] == 3:
     ops += [
@@ -160,9 +243,8 @@ def color_jitter(image: tf.Tensor, seed: Seed, *,
   for position in range(len(ops)):
     branches = [functools.partial(op, image, op_seed)
                 for op, op_seed in zip(ops, op_seeds)]
-    image = tf.clip_by_value(tf.switch_case(order[position], branches),
-                             0.0, 1.0)
-  return image
+    image = tf.switch_case(order[position], branches)
+  return tf.clip_by_value(image, 0.0, 1.0)
 
 
 def random_color_jitter(image: tf.Tensor, seed: Seed, *, strength: float,
@@ -180,7 +262,14 @@ def to_grayscale(image: tf.Tensor) -> tf.Tensor:
   """RGB to luma, kept as 3 channels; 1-channel images are returned as is."""
   if image.shape[-1] != 3:
     return image
-  return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+  # One [pixels, 3] x [3, 3] matmul whose three columns are the luma weights
+  # of `tf.image.rgb_to_grayscale`: the same values (to rounding) at a third
+  # of the cost of its tensordot followed by a tile.
+  luma = tf.constant([0.2989, 0.5870, 0.1140])
+  gray = tf.matmul(tf.reshape(image, [-1, 3]), tf.tile(luma[:, None], [1, 3]))
+  shape = (image.shape if image.shape.is_fully_defined()
+           else tf.shape(image))
+  return tf.reshape(gray, shape)
 
 
 def random_grayscale(image: tf.Tensor, seed: Seed, *,
@@ -191,12 +280,30 @@ def random_grayscale(image: tf.Tensor, seed: Seed, *,
   return _maybe_apply(to_grayscale, image, prob, seed)
 
 
+def _blur_rows(image: tf.Tensor, kernel: tf.Tensor,
+               radius: int) -> tf.Tensor:
+  """Convolves the columns of [H, W, C] with `kernel`, rows reflected."""
+  height, width, channels = image.shape
+  padded = tf.concat([tf.reverse(image[1:radius + 1], [0]), image,
+                      tf.reverse(image[height - radius - 1:height - 1], [0])],
+                     axis=0)
+  # Each of the W * C columns is one channel of a depthwise convolution:
+  # contiguous in memory, so the kernel vectorises over hundreds of channels
+  # instead of C (3x faster than a [1, H, W, C] depthwise conv, and the
+  # slices above cost less than tf.pad's REFLECT mode).
+  planes = tf.reshape(padded, [1, height + 2 * radius, 1, width * channels])
+  filters = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]),
+                    [1, 1, width * channels, 1])
+  blurred = tf.nn.depthwise_conv2d(planes, filters, [1, 1, 1, 1], "VALID")
+  return tf.reshape(blurred, [height, width, channels])
+
+
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, *,
                   radius: int) -> tf.Tensor:
   """Separable Gaussian blur with a (2 radius + 1)-tap kernel.
 
   Args:
-    image: float32 [H, W, C], H and W > radius.
+    image: float32 [H, W, C], static shape, H and W > radius.
     sigma: scalar standard deviation in pixels.
     radius: kernel half-width.
 
@@ -207,14 +314,9 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, *,
   x = tf.range(-radius, radius + 1, dtype=tf.float32)
   kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
   kernel /= tf.reduce_sum(kernel)
-  channels = image.shape[-1]
-  vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
-  horizontal = tf.reshape(vertical, [1, -1, channels, 1])
-  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius],
-                                [0, 0]], mode="REFLECT")
-  blurred = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
-  blurred = tf.nn.depthwise_conv2d(blurred, horizontal, [1, 1, 1, 1], "VALID")
-  return blurred[0]
+  vertical = _blur_rows(image, kernel, radius)
+  horizontal = _blur_rows(tf.transpose(vertical, [1, 0, 2]), kernel, radius)
+  return tf.transpose(horizontal, [1, 0, 2])
 
 
 def random_blur(image: tf.Tensor, seed: Seed, *, prob: float) -> tf.Tensor:
@@ -226,14 +328,16 @@ def random_blur(image: tf.Tensor, seed: Seed, *, prob: float) -> tf.Tensor:
     prob: probability of blurring.
 
   Returns:
-    The maybe-blurred image. The kernel spans ~10% of the side, as SimCLR.
+    The maybe-blurred image, in [0, 1] if the input is. The kernel spans
+    ~10% of the side, as SimCLR.
   """
   apply_seed, sigma_seed = _split(seed, 2)
   radius = max(1, image.shape[0] // 20)
 
   def blur(x):
     sigma = tf.random.stateless_uniform([], sigma_seed, *_BLUR_SIGMA_RANGE)
-    return gaussian_blur(x, sigma, radius=radius)
+    # Rounding can put a weighted mean of pixels in [0, 1] just outside.
+    return tf.clip_by_value(gaussian_blur(x, sigma, radius=radius), 0.0, 1.0)
 
   return _maybe_apply(blur, image, prob, apply_seed)
 
@@ -247,6 +351,21 @@ def random_solarize(image: tf.Tensor, seed: Seed, *,
                     prob: float) -> tf.Tensor:
   """Solarizes with probability `prob`."""
   return _maybe_apply(solarize, image, prob, seed)
+
+
+def _finish_view(view: tf.Tensor, seeds: list[Seed], *, flip: bool,
+                 color_jitter_prob: float, color_strength: float,
+                 grayscale_prob: float, blur_prob: float,
+                 solarize_prob: float) -> tf.Tensor:
+  """The ops after the crop, each keeping [0, 1]: no final clip is needed."""
+  flip_seed, jitter_seed, gray_seed, blur_seed, solarize_seed = seeds
+  if flip:
+    view = random_flip(view, flip_seed)
+  view = random_color_jitter(view, jitter_seed, strength=color_strength,
+                             prob=color_jitter_prob)
+  view = random_grayscale(view, gray_seed, prob=grayscale_prob)
+  view = random_blur(view, blur_seed, prob=blur_prob)
+  return random_solarize(view, solarize_seed, prob=solarize_prob)
 
 
 def simclr_view(image: tf.Tensor, seed: Seed, *, size: int,
@@ -276,8 +395,7 @@ def simclr_view(image: tf.Tensor, seed: Seed, *, size: int,
   Returns:
     float32 [S, S, C] in [0, 1].
   """
-  crop_seed, flip_seed, jitter_seed, gray_seed, blur_seed, solarize_seed = (
-      _split(seed, 6))
+  crop_seed, *op_seeds = _split(seed, 6)
   if encoded:
     view = decode_and_random_resized_crop(
         image, crop_seed, size=size, area_range=area_range,
@@ -286,14 +404,52 @@ def simclr_view(image: tf.Tensor, seed: Seed, *, size: int,
     view = random_resized_crop(image, crop_seed, size=size,
                                area_range=area_range,
                                aspect_range=aspect_range)
-  if flip:
-    view = random_flip(view, flip_seed)
-  view = random_color_jitter(view, jitter_seed, strength=color_strength,
-                             prob=color_jitter_prob)
-  view = random_grayscale(view, gray_seed, prob=grayscale_prob)
-  view = random_blur(view, blur_seed, prob=blur_prob)
-  view = random_solarize(view, solarize_seed, prob=solarize_prob)
-  return tf.clip_by_value(view, 0.0, 1.0)
+  return _finish_view(
+      view, op_seeds, flip=flip, color_jitter_prob=color_jitter_prob,
+      color_strength=color_strength, grayscale_prob=grayscale_prob,
+      blur_prob=blur_prob, solarize_prob=solarize_prob)
+
+
+def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
+                 area_range: tuple[float, float] = (0.08, 1.0),
+                 aspect_range: tuple[float, float] = (3 / 4, 4 / 3),
+                 flip: bool = True, color_jitter_prob: float = 0.8,
+                 color_strength: float = 1.0, grayscale_prob: float = 0.2,
+                 blur_prob: float = 0.5, solarize_prob: float = 0.0,
+                 encoded: bool = False, channels: int = 3) -> tf.Tensor:
+  """`simclr_view` for each of V seeds, sharing one decode of a JPEG.
+
+  Takes the same arguments as `simclr_view`, but `seeds` [V, 2] with V
+  static. View v is `simclr_view(image, seeds[v], ...)`: the same parameters
+  (window, flip, jitter, grayscale, blur, solarize), and for a decoded
+  image the same pixels; for a JPEG, the union of the V windows is decoded
+  once (`decode_and_random_resized_crops`), which differs from the
+  per-view fused decode only near the windows' edges.
+
+  Returns:
+    float32 [V, S, S, C] in [0, 1].
+  """
+  num_views = seeds.shape[0]
+  if num_views is None:
+    raise ValueError("simclr_views needs a static number of seeds.")
+  view_seeds = [_split(seeds[v], 6) for v in range(num_views)]
+  crop_seeds = [split[0] for split in view_seeds]
+  if encoded:
+    views = decode_and_random_resized_crops(
+        image, crop_seeds, size=size, area_range=area_range,
+        aspect_range=aspect_range, channels=channels)
+  else:
+    views = [random_resized_crop(image, crop_seed, size=size,
+                                 area_range=area_range,
+                                 aspect_range=aspect_range)
+             for crop_seed in crop_seeds]
+  return tf.stack([
+      _finish_view(view, split[1:], flip=flip,
+                   color_jitter_prob=color_jitter_prob,
+                   color_strength=color_strength,
+                   grayscale_prob=grayscale_prob, blur_prob=blur_prob,
+                   solarize_prob=solarize_prob)
+      for view, split in zip(views, view_seeds)])
 
 
 def _center_crop_window(height: tf.Tensor, width: tf.Tensor,

@@ -312,24 +312,55 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
                                  local_batch_size=local_batch_size,
                                  start_step=start_step, seed=seed)
 
-  view_kwargs = _view_kwargs(input_config.augment)
+  return augmented_batches(
+      dataset, seed=stream_seed, local_batch_size=local_batch_size,
+      num_views=num_views, image_size=input_config.image_size,
+      encoded=encoded, channels=image_shape[-1],
+      augment_config=input_config.augment)
+
+
+def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
+                      local_batch_size: int, num_views: int, image_size: int,
+                      encoded: bool, channels: int,
+                      augment_config: ml_collections.ConfigDict
+                      ) -> tf.data.Dataset:
+  """Views and batches of (position, (image, {key: label})) examples.
+
+  The augmentation half of `pretrain_dataset`, public so that
+  `benchmarks/input_pipeline.py` measures exactly this code.
+
+  Args:
+    examples: (position, (image, labels)): position an int64 scalar, image
+      a uint8 [H, W, C] (or, with `encoded`, a JPEG string), labels a dict
+      of integer scalars.
+    seed: [2] int64 stream seed; the views of the example at position p are
+      keyed by fold_in(seed, p), split into one seed per view.
+    local_batch_size: examples per batch.
+    num_views: views per example.
+    image_size: output side S.
+    encoded: whether images are JPEG strings, each decoded once for all its
+      views, only in the union of their crop windows.
+    channels: image channels C.
+    augment_config: `config.input.augment` (see `configs/common.py`).
+
+  Returns:
+    Batches {"image": float32 [b, views, S, S, C] in [0, 1], key: int32 [b]
+    for each label key}.
+  """
+  view_kwargs = _view_kwargs(augment_config)
 
   def make_views(position, example):
     image, labels = example
-    example_seed = tf.random.experimental.stateless_fold_in(stream_seed,
-                                                            position)
+    example_seed = tf.random.experimental.stateless_fold_in(seed, position)
     view_seeds = tf.random.experimental.stateless_split(example_seed,
                                                         num=num_views)
-    views = [
-        augment.simclr_view(image, view_seeds[v], size=input_config.image_size,
-                            encoded=encoded, channels=image_shape[-1],
-                            **view_kwargs)
-        for v in range(num_views)
-    ]
-    return {"image": tf.stack(views, axis=0),
+    views = augment.simclr_views(image, view_seeds, size=image_size,
+                                 encoded=encoded, channels=channels,
+                                 **view_kwargs)
+    return {"image": views,
             **{key: tf.cast(value, tf.int32) for key, value in labels.items()}}
 
-  dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = examples.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.batch(local_batch_size, drop_remainder=True,
                           num_parallel_calls=tf.data.AUTOTUNE)
   return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())

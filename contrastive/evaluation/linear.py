@@ -5,7 +5,9 @@ extracted once over the mesh. `config.linear_eval.protocol` says how the
 linear classifier is trained:
   "lbfgs": a multinomial logistic regression on standardised features,
     fitted to convergence with full-batch L-BFGS (convex, so no
-    learning-rate or epoch tuning). The minimal probe, and the default.
+    learning-rate or epoch tuning), its L2 strength fixed (`l2`) or chosen
+    from `l2_grid` on a held-out part of the training split. The minimal
+    probe, and the default.
   "simclr", "supcon", "moco", "supcontrast": the papers' SGD protocols
     (`linear_protocols.py`), on cached features or on augmented images.
 Either way the classifier is scored on the test split, next to a weighted
@@ -90,6 +92,33 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
   return {"w": w, "b": params["b"] - jnp.asarray(mean) @ w}
 
 
+def select_l2(x: np.ndarray, y: np.ndarray, num_classes: int, *, steps: int,
+              candidates, validation_fraction: float,
+              seed: int = 0) -> tuple[float, dict[str, float]]:
+  """The L2 strength with the best top-1 on a held-out part of the train set.
+
+  SimCLR's transfer protocol (its appendix B.8) picks the logistic
+  regression's regulariser on a validation split in the same way; the test
+  split never enters the choice. Ties go to the stronger regulariser.
+  Returns (l2, {str(l2): validation top-1}).
+  """
+  if not 0 < validation_fraction < 1:
+    raise ValueError("linear_eval.validation_fraction must be in (0, 1), "
+                     f"got {validation_fraction}.")
+  order = np.random.default_rng(seed).permutation(len(x))
+  num_val = max(int(round(len(x) * validation_fraction)), 1)
+  val, fit = order[:num_val], order[num_val:]
+  scores = {}
+  for l2 in sorted(candidates):
+    params = fit_logistic_regression(x[fit], y[fit], num_classes, steps=steps,
+                                     l2=l2)
+    scores[repr(float(l2))] = topk_accuracy(params, x[val], y[val],
+                                            ks=(1,))["top1"]
+  best = max(sorted(candidates, reverse=True),
+             key=lambda l2: scores[repr(float(l2))])
+  return float(best), scores
+
+
 def topk_accuracy(params, x: np.ndarray, y: np.ndarray,
                   ks=(1, 5)) -> dict[str, float]:
   logits = jnp.asarray(x) @ params["w"] + params["b"]
@@ -148,10 +177,16 @@ def probe(config, dataset: str, mesh, embed_fn=None) -> dict[str, Any]:
   start = time.perf_counter()
   # The classifier is small: fit it on one device. Under the training mesh
   # every device would repeat the whole fit (7x slower on the 2-core CPU).
+  hparams = {"steps": eval_config.steps, "l2": eval_config.l2}
   with jax.set_mesh(sharding.local_mesh()):
+    if eval_config.l2_grid:
+      hparams["l2"], hparams["validation_top1"] = select_l2(
+          train_x, train_y, num_classes, steps=eval_config.steps,
+          candidates=eval_config.l2_grid,
+          validation_fraction=eval_config.validation_fraction)
     params = fit_logistic_regression(train_x, train_y, num_classes,
                                      steps=eval_config.steps,
-                                     l2=eval_config.l2)
+                                     l2=hparams["l2"])
     result = topk_accuracy(params, test_x, test_y)
     result["train_top1"] = topk_accuracy(params, train_x, train_y,
                                          ks=(1,))["top1"]
@@ -160,8 +195,7 @@ def probe(config, dataset: str, mesh, embed_fn=None) -> dict[str, Any]:
   logging.info("Fitted the linear probe (and kNN) on %s features in %.1f s.",
                train_x.shape, time.perf_counter() - start)
   result.update(_sizes(train_x, test_x))
-  result.update(protocol=linear_protocols.LBFGS,
-                hparams={"steps": eval_config.steps, "l2": eval_config.l2})
+  result.update(protocol=linear_protocols.LBFGS, hparams=hparams)
   return result
 
 
@@ -246,7 +280,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model, state,
   if config.linear_eval.raw_pixel_baseline:
     raw = raw_probe()
     result["raw_pixels"] = {k: v for k, v in raw.items()
-                            if k in ("top1", "top5", "feature_dim")
+                            if k in ("top1", "top5", "feature_dim", "hparams")
                             or k.startswith("knn")}
   logging.info("Linear eval: %s", result)
   if logger is not None:

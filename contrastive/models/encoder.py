@@ -14,6 +14,13 @@ Heads:
     (Linear-BN-ReLU twice, then Linear-BN without bias or ReLU, as in
     google-research/simclr `ProjectionHead`, `proj_out_dim=128`).
   - SupCon TF: `hidden_dims=(), out_dim=128` (one dense layer).
+
+Mixed precision (`dtype=jnp.bfloat16`): the encoder and the head compute in
+bf16, every parameter is float32 (`param_dtype`), BN statistics are reduced
+in float32, and every output is float32: the projection is cast before the
+L2 normalisation, so the similarity matmul and log-sum-exp of every loss,
+the prototype cosines, the Bregman sub-networks (float32 throughout) and the
+online probe see float32.
 """
 
 from collections.abc import Sequence
@@ -28,39 +35,51 @@ from contrastive.models import resnet
 
 
 class ProjectionHead(nn.Module):
+  """MLP head computing in `dtype`; returns `[batch, out_dim]` in `dtype`."""
   hidden_dims: Sequence[int] = (2048, 2048)
   out_dim: int = 128
   use_bn: bool = True
   bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, train: bool):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=1e-5)
+                             momentum=self.bn_momentum, epsilon=1e-5,
+                             dtype=self.dtype, param_dtype=jnp.float32)
+    dense = functools.partial(nn.Dense, use_bias=not self.use_bn,
+                              dtype=self.dtype, param_dtype=jnp.float32)
     x = h
     for dim in self.hidden_dims:
-      x = nn.Dense(dim, use_bias=not self.use_bn)(x)
+      x = dense(dim)(x)
       if self.use_bn:
         x = norm()(x)
       x = nn.relu(x)
-    x = nn.Dense(self.out_dim, use_bias=not self.use_bn)(x)
+    x = dense(self.out_dim)(x)
     if self.use_bn:
       x = norm(use_bias=False)(x)
     return x
 
 
 class BregmanSubnetworks(nn.Module):
-  """K independent MLPs h -> scalar (Dense-ReLU-Dense each), batched."""
+  """K independent MLPs h -> scalar (Dense-ReLU-Dense each), batched.
+
+  Float32 whatever the encoder's dtype: phi enters the loss as logits, and
+  these layers are small next to the encoder.
+  """
   num: int
   hidden_dim: int = 256
 
   @nn.compact
   def __call__(self, h):
     h = h.astype(jnp.float32)
-    hidden = nn.relu(nn.DenseGeneral((self.num, self.hidden_dim))(h))
+    hidden = nn.relu(nn.DenseGeneral(
+        (self.num, self.hidden_dim), dtype=jnp.float32,
+        param_dtype=jnp.float32)(h))
     kernel = self.param("out_kernel", nn.initializers.lecun_normal(),
-                        (self.num, self.hidden_dim))
-    bias = self.param("out_bias", nn.initializers.zeros, (self.num,))
+                        (self.num, self.hidden_dim), jnp.float32)
+    bias = self.param("out_bias", nn.initializers.zeros, (self.num,),
+                      jnp.float32)
     return jnp.einsum("bkh,kh->bk", hidden, kernel) + bias
 
 
@@ -90,7 +109,7 @@ class ContrastiveModel(nn.Module):
         bn_momentum=self.bn_momentum, dtype=self.dtype)
     self.head = ProjectionHead(
         hidden_dims=tuple(self.head_hidden_dims), out_dim=self.head_out_dim,
-        use_bn=self.head_bn, bn_momentum=self.bn_momentum)
+        use_bn=self.head_bn, bn_momentum=self.bn_momentum, dtype=self.dtype)
     if self.num_prototypes:
       self.prototypes = self.param(
           "prototypes", nn.initializers.normal(stddev=1.0),
@@ -101,6 +120,8 @@ class ContrastiveModel(nn.Module):
 
   def __call__(self, x, train: bool):
     h = self.encoder(x, train=train)
+    # `l2_normalize` casts the (bf16 under mixed precision) projection to
+    # float32 first: what reaches any loss is float32.
     z = l2_normalize(self.head(h, train=train))
     outputs = {"features": h, "embedding": z}
     if self.num_prototypes:

@@ -34,7 +34,8 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=jnp.float32)
     y = conv(self.filters, (3, 3), self.strides, padding=1)(x)
     y = nn.relu(self.norm()(y))
     y = conv(self.filters, (3, 3), padding=1)(y)
@@ -53,7 +54,8 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=jnp.float32)
     y = nn.relu(self.norm()(conv(self.filters, (1, 1))(x)))
     y = conv(self.filters, (3, 3), self.strides, padding=1)(y)
     y = nn.relu(self.norm()(y))
@@ -65,7 +67,11 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """Returns globally average-pooled features `[batch, channels]`."""
+  """Returns globally average-pooled float32 features `[batch, channels]`.
+
+  `dtype` is the compute dtype of convolutions and BN outputs; parameters
+  are float32 and BN statistics are reduced in float32 (Flax's default).
+  """
   depth: int = 50
   width: float = 1.0
   cifar_stem: bool = False
@@ -78,17 +84,20 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth {self.depth} not in {sorted(STAGE_SIZES)}.")
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train,
-        momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
+        momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+        param_dtype=jnp.float32)
     block = BasicBlock if self.depth < 50 else BottleneckBlock
     stem_filters = max(int(64 * self.width), 8)
     x = x.astype(self.dtype)
     if self.cifar_stem:
       x = nn.Conv(stem_filters, (3, 3), padding=1, use_bias=False,
-                  dtype=self.dtype, name="stem_conv")(x)
+                  dtype=self.dtype, param_dtype=jnp.float32,
+                  name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
     else:
       x = nn.Conv(stem_filters, (7, 7), 2, padding=3, use_bias=False,
-                  dtype=self.dtype, name="stem_conv")(x)
+                  dtype=self.dtype, param_dtype=jnp.float32,
+                  name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
@@ -103,4 +112,5 @@ class ResNet(nn.Module):
       if not self.is_initializing():
         self.sow("intermediates", f"stage{stage}", x)
         x = self.perturb(f"stage{stage}", x)
-    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    # Pooled in float32: the features feed the head, probes and losses.
+    return jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
