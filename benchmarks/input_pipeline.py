@@ -26,6 +26,13 @@ Stages are cumulative, each a map over images then a batch of 32:
   +blur      Gaussian blur: the whole view recipe
   pipeline   the whole pipeline: seeds, labels, parallel batch of 64 and
              prefetch (ours: `augmented_batches` itself)
+  deferred   ours with `augment.on_device`: the pipeline decodes, crops and
+             flips, and the jitted train step does colour jitter, grayscale
+             and blur (`contrastive/data/device_augment.py`); against the
+             baseline's whole pipeline, the same work of which ours leaves
+             the device part to the accelerator. For scale, the worker also
+             times that device part with JAX on the same CPU cores (a
+             64-image batch of 224 px views), printed after the tables.
 
 Cores: each core count runs in a child process pinned to that many CPUs
 (`os.sched_setaffinity` before TF starts, so every TF thread inherits it),
@@ -61,9 +68,11 @@ from configs import common
 from contrastive.data import augment
 from contrastive.data import input_pipeline
 
-_STAGES = ("decode", "crop", "colour", "blur", "pipeline")
+_STAGES = ("decode", "crop", "colour", "blur", "pipeline", "deferred")
 _STAGE_NAMES = {"decode": "decode", "crop": "+crop", "colour": "+colour",
-                "blur": "+blur", "pipeline": "pipeline"}
+                "blur": "+blur", "pipeline": "pipeline",
+                "deferred": "pipeline, colour + blur on device"}
+_WHOLE = ("pipeline", "deferred")
 _SIZE = 224
 _VIEWS = 2
 _STAGE_BATCH = 32
@@ -154,12 +163,12 @@ def _baseline_blur(image):
 
 def _baseline_view(image, stage):
   view = _baseline_crop(image)
-  if stage in ("colour", "blur", "pipeline"):
+  if stage in ("colour", "blur", *_WHOLE):
     view = tf.image.random_flip_left_right(view)
     view = _baseline_maybe(_baseline_jitter, 0.8, view)
     view = _baseline_maybe(
         lambda x: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]), 0.2, view)
-  if stage in ("blur", "pipeline"):
+  if stage in ("blur", *_WHOLE):
     view = _baseline_maybe(_baseline_blur, 0.5, view)
   return tf.clip_by_value(view, 0.0, 1.0)
 
@@ -175,13 +184,13 @@ def baseline_dataset(source, stage: str):
       return image[0, 0]
     image = tf.image.convert_image_dtype(image, tf.float32)
     views = [_baseline_view(image, stage) for _ in range(_VIEWS)]
-    if stage == "pipeline":
+    if stage in _WHOLE:
       return tf.concat(views, axis=-1), labels["label"]
     return tf.stack(views)
 
   dataset = source.map(per_image, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=stage == "pipeline")
-  if stage == "pipeline":
+                       deterministic=stage in _WHOLE)
+  if stage in _WHOLE:
     dataset = dataset.batch(_PIPELINE_BATCH, drop_remainder=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
   return dataset.batch(_STAGE_BATCH)
@@ -193,12 +202,13 @@ def baseline_dataset(source, stage: str):
 def ours_dataset(source, stage: str):
   """Our pipeline's `stage` over (position, (jpeg, labels)) examples."""
   config = common.simclr_augment(_STRENGTH, blur_prob=0.5)
+  config.on_device = stage == "deferred"
   if stage in ("decode", "crop"):
     config.update(flip=False, color_jitter_prob=0.0, grayscale_prob=0.0)
   if stage in ("decode", "crop", "colour"):
     config.blur_prob = 0.0
   seed = tf.constant([0, 0], tf.int64)
-  if stage == "pipeline":
+  if stage in _WHOLE:
     return input_pipeline.augmented_batches(
         source, seed=seed, local_batch_size=_PIPELINE_BATCH,
         num_views=_VIEWS, image_size=_SIZE, encoded=True, channels=3,
@@ -235,7 +245,34 @@ def ours_dataset(source, stage: str):
 
 
 def _views_per_batch(stage: str) -> int:
-  return (_PIPELINE_BATCH if stage == "pipeline" else _STAGE_BATCH) * _VIEWS
+  return (_PIPELINE_BATCH if stage in _WHOLE else _STAGE_BATCH) * _VIEWS
+
+
+def _measure_device_ops(seconds: float) -> float:
+  """Views/s of `device_augment.augment_views` jitted on this process's CPUs.
+
+  The accelerator's share of the `deferred` stage, timed on the CPU only
+  for scale: on a TPU or GPU it runs beside the encoder.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from contrastive.data import device_augment  # pylint: disable=import-outside-toplevel
+  config = common.simclr_augment(_STRENGTH, blur_prob=0.5)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(_PIPELINE_BATCH, _VIEWS, _SIZE, _SIZE, 3))
+  images = jax.device_put(images.astype(np.float32))
+  keys = jax.device_put(rng.integers(0, 2**32, (_PIPELINE_BATCH, _VIEWS, 2),
+                                     dtype=np.uint32))
+  fn = jax.jit(lambda x, k: device_augment.augment_views(
+      x, k, color_jitter_prob=config.color_jitter_prob,
+      color_strength=config.color_strength,
+      grayscale_prob=config.grayscale_prob, blur_prob=config.blur_prob,
+      solarize_prob=config.solarize_prob))
+  jax.block_until_ready(fn(images, keys))
+  start, batches = time.perf_counter(), 0
+  while batches < 2 or time.perf_counter() - start < seconds:
+    jax.block_until_ready(fn(images, keys))
+    batches += 1
+  return batches * _PIPELINE_BATCH * _VIEWS / (time.perf_counter() - start)
 
 
 def _measure(dataset, views_per_batch: int, warmup_s: float,
@@ -284,6 +321,10 @@ def _worker(args) -> None:
       print(json.dumps(dict(cores=cores, stage=stage, impl=impl,
                             views_per_s=rate, views_per_cpu_s=cpu_rate)),
             flush=True)
+    if stage == "deferred":
+      print(json.dumps(dict(cores=cores, stage="device_ops", impl="jax",
+                            views_per_s=_measure_device_ops(args.seconds))),
+            flush=True)
 
 
 def _run_cores(cores: int, jpeg_path: str, args) -> list[dict]:
@@ -311,7 +352,8 @@ def _run_cores(cores: int, jpeg_path: str, args) -> list[dict]:
 def _table(rows: list[dict], cores_list: list[int], stages: list[str],
            key: str) -> str:
   """Markdown table of `key` per stage: baseline, ours, ratio per core count."""
-  rate = {(r["cores"], r["stage"], r["impl"]): r[key] for r in rows}
+  rate = {(r["cores"], r["stage"], r["impl"]): r[key] for r in rows
+          if key in r}
   header = "| stage |" + "".join(
       f" baseline {c}c | ours {c}c | ours/base {c}c |" for c in cores_list)
   lines = [header, "|---|" + "---:|---:|---:|" * len(cores_list)]
@@ -368,6 +410,11 @@ def main() -> None:
   print("\nviews per CPU-second (all threads of the worker; on a loaded "
         "machine the closer to an idle core's views/s):")
   print(_table(rows, cores_list, stages, "views_per_cpu_s"))
+  for row in rows:
+    if row["stage"] == "device_ops":
+      print(f"# deferred ops (colour jitter, grayscale, blur) jitted with "
+            f"JAX on {row['cores']} CPU core(s): "
+            f"{row['views_per_s']:.0f} views/s")
   print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{os.cpu_count()} CPUs, load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}, "

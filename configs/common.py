@@ -47,6 +47,10 @@ def simclr_augment(strength: float = 1.0, blur_prob: float = 0.5,
       grayscale_prob=0.2,
       blur_prob=blur_prob,
       solarize_prob=0.0,
+      # Colour jitter, grayscale, blur and solarize in the jitted train step
+      # instead of tf.data (contrastive/data/device_augment.py): for hosts
+      # that cannot keep up with the accelerators.
+      on_device=False,
   ))
 
 
@@ -74,7 +78,18 @@ def base_config() -> ml_collections.ConfigDict:
       num_prototypes=0,
       # Deep Bregman divergence: K sub-networks on the encoder features
       # (0: none), each Dense(hidden_dim)-ReLU-Dense(1).
-      bregman=dict(subnetworks=0, hidden_dim=256))
+      bregman=dict(subnetworks=0, hidden_dim=256),
+      # A linear classifier on the features whose logits the loss uses as
+      # class centres (PaCo, GPaCo): the number of classes, or 0 for none.
+      linear_classes=0)
+
+  # Momentum-encoder and queue losses (moco, mochi, sce, relic, renyicl,
+  # paco, gpaco; contrastive/momentum.py): the key encoder's EMA momentum
+  # rises from `base` to 1 along a cosine ("cosine", BYOL / MoCo v3) or
+  # stays at `base` ("constant", MoCo v2: 0.999); the queue holds
+  # `queue_size` past keys (0: negatives from the batch only). Unused by
+  # other losses.
+  config.momentum = dict(base=0.99, schedule="cosine", queue_size=0)
 
   # `use_labels` passes the class labels to the loss (SupCon); `kwargs` are
   # the loss's own options, e.g. variant / contrast_mode / base_temperature.

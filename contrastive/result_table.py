@@ -111,6 +111,21 @@ ROWS = {
                       "configs/smoke_fashion_mnist.py:fn_removal"),
     "bregman": Row("Deep Bregman", "NT-Xent + Bregman term, tau 0.2",
                    "configs/smoke_fashion_mnist.py:bregman"),
+    "moco": Row("MoCo v2 (symmetrised)",
+                "InfoNCE vs batch keys + 4096-key queue, EMA key encoder, "
+                "tau 0.2", "configs/smoke_fashion_mnist.py:moco"),
+    "mochi": Row("MoCHi", "MoCo + synthetic hard negatives (1024, 256, 128)",
+                 "configs/smoke_fashion_mnist.py:mochi"),
+    "sce": Row("SCE", "MoCo with soft targets, lambda 0.5, tau_m 0.07",
+               "configs/smoke_fashion_mnist.py:sce"),
+    "relic": Row("ReLIC", "MoCo + invariance KL, alpha 1",
+                 "configs/smoke_fashion_mnist.py:relic"),
+    "renyicl": Row("RenyiCL", "skew-Renyi surrogate, gamma 2, batch keys",
+                   "configs/smoke_fashion_mnist.py:renyicl"),
+    "paco": Row("PaCo", "class centres + batch + queue, EMA key encoder",
+                "configs/smoke_fashion_mnist.py:paco"),
+    "gpaco": Row("GPaCo", "class centres + batch + queue, no key encoder",
+                 "configs/smoke_fashion_mnist.py:gpaco"),
 }
 
 
@@ -145,7 +160,7 @@ TABLES = {
         "the 60k training images, its L2 strength picked from 1e-6..1e-2 on "
         "a held-out 10% of them (raw pixels too). kNN: cosine, temperature-0.07 weighted "
         "votes (InstDisc). Own classifier: the CE model's softmax layer, "
-        "ESupCon's prototypes. "
+        "ESupCon's prototypes, PaCo's and GPaCo's linear classifier. "
         "Training time excludes compilation and the online evaluation.",
         ROWS, epochs=5.0),
     "biased_fashion_mnist": Table(

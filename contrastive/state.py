@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from contrastive import momentum as momentum_lib
 from contrastive import sharding
 from contrastive.evaluation import online
 
@@ -21,10 +22,31 @@ class TrainState:
   # own parameters and optimizer, so it never moves the encoder.
   probe_params: Any = flax.struct.field(default_factory=dict)
   probe_opt_state: Any = flax.struct.field(default_factory=dict)
+  # Momentum-encoder losses ({} otherwise): "params" and "batch_stats" of
+  # the key encoder (an EMA of the online one), and "queue", a
+  # `momentum.Queue` of past keys. Checkpointed and restored with the rest.
+  momentum: Any = flax.struct.field(default_factory=dict)
+
+
+def _init_momentum(model, variables, images, rng, momentum_encoder: bool,
+                   queue_size: int | None) -> dict[str, Any]:
+  """The key encoder (a copy of the online one) and the queue, as asked."""
+  state = {}
+  if momentum_encoder:
+    state["params"] = jax.tree.map(jnp.copy, variables["params"])
+    state["batch_stats"] = jax.tree.map(jnp.copy,
+                                        variables.get("batch_stats", {}))
+  if queue_size is not None:
+    dim = model.apply(variables, images, train=False)["embedding"].shape[-1]
+    # Its own stream: the queue's random start must not repeat the init's.
+    state["queue"] = momentum_lib.init_queue(
+        queue_size, dim, jax.random.fold_in(rng, 1))
+  return state
 
 
 def _init_fn(model, tx: optax.GradientTransformation,
-             image_shape: tuple[int, ...], probe_tx, num_classes):
+             image_shape: tuple[int, ...], probe_tx, num_classes,
+             momentum_encoder: bool = False, queue_size: int | None = None):
   def init(rng):
     images = jnp.zeros((2, *image_shape), jnp.float32)
     variables = model.init(rng, images, train=False)
@@ -37,21 +59,27 @@ def _init_fn(model, tx: optax.GradientTransformation,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), probe_params=probe_params,
-                      probe_opt_state=probe_opt_state)
+                      probe_opt_state=probe_opt_state,
+                      momentum=_init_momentum(model, variables, images, rng,
+                                              momentum_encoder, queue_size))
   return init
 
 
 def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        image_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
                        probe_tx: optax.GradientTransformation | None = None,
-                       num_classes: int = 0) -> TrainState:
+                       num_classes: int = 0, momentum_encoder: bool = False,
+                       queue_size: int | None = None) -> TrainState:
   """Initialises the state directly into its (replicated) sharding.
 
   `image_shape` is `(H, W, C)`. The init is jitted with output shardings so
   nothing is materialised off its final devices. With `probe_tx`, the state
-  carries an online linear probe over `num_classes`.
+  carries an online linear probe over `num_classes`; with
+  `momentum_encoder`, a key encoder starting as a copy of the online one;
+  with `queue_size` (an int, 0 allowed), a queue of that many random keys.
   """
-  init = _init_fn(model, tx, image_shape, probe_tx, num_classes)
+  init = _init_fn(model, tx, image_shape, probe_tx, num_classes,
+                  momentum_encoder, queue_size)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh),
                            jax.eval_shape(init, rng))
   return jax.jit(init, out_shardings=shardings)(rng)
@@ -60,10 +88,12 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
 def abstract_train_state(model, tx: optax.GradientTransformation,
                          image_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
                          probe_tx: optax.GradientTransformation | None = None,
-                         num_classes: int = 0) -> TrainState:
+                         num_classes: int = 0, momentum_encoder: bool = False,
+                         queue_size: int | None = None) -> TrainState:
   """`ShapeDtypeStruct`s with shardings: the restore target for checkpoints."""
   abstract = jax.eval_shape(
-      _init_fn(model, tx, image_shape, probe_tx, num_classes),
+      _init_fn(model, tx, image_shape, probe_tx, num_classes,
+               momentum_encoder, queue_size),
       jax.random.key(0))
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -28,6 +28,7 @@ from contrastive import grad_cache
 from contrastive import losses
 from contrastive import metric_logging
 from contrastive import models
+from contrastive import momentum as momentum_lib
 from contrastive import optim
 from contrastive import run_dir
 from contrastive import sharding
@@ -37,6 +38,7 @@ from contrastive.data import input_pipeline
 from contrastive.evaluation import linear
 from contrastive.evaluation import online
 from contrastive.losses import excon
+from contrastive.losses import moco
 from contrastive.losses import unicon
 
 
@@ -46,7 +48,13 @@ _MODEL_OUTPUTS = {
     "prototype_cosines": ("--config.model.num_prototypes to the number of "
                           "classes"),
     "bregman_phi": "--config.model.bregman.subnetworks to K > 0",
+    "class_logits": ("--config.model.linear_classes to the number of "
+                     "classes"),
 }
+
+# Fold-in constants that give each kind of per-step randomness its own
+# stream of `jax.random.key(config.seed)`.
+_LOSS_RNG_STREAM = 1
 
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
@@ -54,7 +62,9 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                loss_config: ml_collections.ConfigDict,
                schedule: optax.Schedule, grad_cache_chunks: int = 0,
                probe_tx: optax.GradientTransformation | None = None,
-               seed: int = 0):
+               seed: int = 0,
+               momentum_config: ml_collections.ConfigDict | None = None,
+               total_steps: int = 1):
   """One optimisation step on the global batch; returns (state, metrics).
 
   `grad_cache_chunks` > 0 computes the same gradient with GradCache (see
@@ -62,7 +72,13 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   `probe_tx`, the online linear probe in `state.probe_params` also takes a
   step on the gradient-stopped features of every view
   (`contrastive/evaluation/online.py`). `seed` keys the step's own
-  randomness (UniCon's universum), folded with the step number.
+  randomness (UniCon's universum, MoCHi's mixing), folded with the step
+  number. For momentum-encoder losses, `state.momentum` holds the key
+  encoder and the queue: the loss gets the key encoder's embeddings of the
+  same views and the queue as it was before the step; then the key encoder
+  moves towards the updated online one by the EMA of `momentum_config`
+  (momentum scheduled over `total_steps`) and the keys of the global batch
+  (views `moco.KEY_VIEWS`, batch-major) are enqueued.
   """
   images = batch["image"]
   labels = batch["label"] if loss_config.use_labels else None
@@ -101,8 +117,25 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
         lambda x: x.reshape(num_images, num_views, *x.shape[1:]), outputs)
     return outputs, new_model_state["batch_stats"]
 
+  # The momentum losses' inputs: constants of the step (no gradient).
+  momentum_inputs, keys, key_batch_stats = {}, None, None
+  if "keys" in needs:
+    key_outputs, key_batch_stats = embed(state.momentum["params"],
+                                         state.momentum["batch_stats"], images)
+    keys = jax.lax.stop_gradient(key_outputs["embedding"])
+    momentum_inputs["keys"] = keys
+  if "queue" in needs:
+    momentum_inputs["queue"] = state.momentum["queue"].keys
+  if "queue_labels" in needs:
+    momentum_inputs["queue_labels"] = state.momentum["queue"].labels
+  if "rng" in needs:
+    momentum_inputs["rng"] = jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), _LOSS_RNG_STREAM),
+        state.step)
+
   def loss_of_embeddings(outputs, universum=None):
     extra = {} if universum is None else {"universum": universum}
+    extra.update(momentum_inputs)
     if "features" in needs:
       extra["features"] = outputs["features"]
     if "bias_labels" in needs:
@@ -123,10 +156,11 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
         loss_impl=loss_config.loss_impl,
         block_size=loss_config.block_size or None, **loss_config.kwargs,
         **extra)
-    return loss, (loss_metrics, jax.lax.stop_gradient(outputs["features"]))
+    return loss, (loss_metrics, jax.lax.stop_gradient(outputs["features"]),
+                  jax.lax.stop_gradient(outputs["embedding"]))
 
   if grad_cache_chunks:
-    (loss, (loss_metrics, features)), grads, batch_stats = (
+    (loss, (loss_metrics, features, embeddings)), grads, batch_stats = (
         grad_cache.loss_and_grads(
             embed, loss_of_embeddings, state.params, state.batch_stats,
             images, chunks=grad_cache_chunks))
@@ -144,7 +178,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
       loss, aux = loss_of_embeddings(outputs, universum)
       return loss, (aux, batch_stats)
 
-    (loss, ((loss_metrics, features), batch_stats)), grads = (
+    (loss, ((loss_metrics, features, embeddings), batch_stats)), grads = (
         jax.value_and_grad(compute_loss, has_aux=True)(state.params))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -164,11 +198,48 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
         features.reshape(num_images * num_views, -1),
         jnp.repeat(batch["label"], num_views), probe_tx)
     metrics.update(probe_metrics)
+  new_momentum = dict(state.momentum)
+  if "params" in new_momentum:
+    ema = momentum_lib.momentum_schedule(
+        state.step, total_steps, momentum_config.base,
+        momentum_config.schedule)
+    new_momentum["params"] = momentum_lib.ema_update(
+        state.momentum["params"], params, ema)
+    new_momentum["batch_stats"] = key_batch_stats
+    metrics["ema_momentum"] = ema
+  if "queue" in new_momentum:
+    # The key encoder's keys, or for losses without one (GPaCo) the online
+    # embeddings; labels go along for the losses that use them.
+    source = embeddings if keys is None else keys
+    key_views = min(source.shape[1], moco.KEY_VIEWS)
+    new_keys = source[:, :key_views].reshape(-1, source.shape[-1])
+    new_labels = (None if "label" not in batch
+                  else jnp.repeat(batch["label"], key_views))
+    new_momentum["queue"] = momentum_lib.enqueue(
+        state.momentum["queue"], new_keys, new_labels)
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state,
                             probe_params=probe_params,
-                            probe_opt_state=probe_opt_state)
+                            probe_opt_state=probe_opt_state,
+                            momentum=new_momentum)
   return new_state, metrics
+
+
+def _momentum_state_spec(config: ml_collections.ConfigDict
+                         ) -> dict[str, Any]:
+  """`momentum_encoder` and `queue_size` of the state the loss needs."""
+  needs = losses.extra_inputs(config.loss.name)
+  queue_size = None
+  if "queue" in needs:
+    queue_size = config.momentum.queue_size
+    key_views = min(config.input.views, moco.KEY_VIEWS)
+    per_step = config.input.batch_size * key_views
+    if 0 < queue_size < per_step:
+      raise ValueError(
+          f"config.momentum.queue_size={queue_size} is shorter than the "
+          f"{per_step} keys enqueued per step (global batch x {key_views} "
+          "key views); make it at least that, or 0 for no queue.")
+  return dict(momentum_encoder="keys" in needs, queue_size=queue_size)
 
 
 def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
@@ -185,14 +256,16 @@ def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
   if state is None:
     state = state_lib.create_train_state(
         model, tx, jax.random.key(config.seed), image_shape, mesh,
-        probe_tx=probe_tx, num_classes=num_classes)
+        probe_tx=probe_tx, num_classes=num_classes,
+        **_momentum_state_spec(config))
   return state
 
 
 def evaluate_prototypes(config: ml_collections.ConfigDict, model, state,
                         mesh) -> dict[str, Any]:
-  """Top-1/top-5 of the model's prototype classifier (argmax of the cosines
-  to the class prototypes) on `linear_eval`'s test split."""
+  """Top-1/top-5 of the model's own classifier (ESupCon's prototypes or
+  PaCo's linear classifier, `model.classify`) on `linear_eval`'s test
+  split."""
   logits_fn = jax.jit(
       lambda variables, x: model.apply(variables, x, method=model.classify),
       out_shardings=sharding.batch_sharding(mesh))
@@ -244,16 +317,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                      total_steps)
               if config.online_eval.probe else None)
   num_classes = info.features["label"].num_classes
-  if config.model.num_prototypes not in (0, num_classes):
-    raise ValueError(
-        f"config.model.num_prototypes={config.model.num_prototypes} must be "
-        f"the number of classes of {config.input.dataset} ({num_classes}) "
-        "or 0.")
+  for field in ("num_prototypes", "linear_classes"):
+    if config.model.get(field, 0) not in (0, num_classes):
+      raise ValueError(
+          f"config.model.{field}={config.model.get(field)} must be "
+          f"the number of classes of {config.input.dataset} ({num_classes}) "
+          "or 0.")
 
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
   abstract_state = state_lib.abstract_train_state(
       model, tx, image_shape, mesh, probe_tx=probe_tx,
-      num_classes=num_classes)
+      num_classes=num_classes, **_momentum_state_spec(config))
   state = _restore_or_create(config, workdir, manager, model, tx, image_shape,
                              mesh, abstract_state, probe_tx, num_classes)
 
@@ -261,7 +335,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
                            loss_config=config.loss, schedule=schedule,
                            grad_cache_chunks=config.grad_cache_chunks,
-                           probe_tx=probe_tx, seed=config.seed)
+                           probe_tx=probe_tx, seed=config.seed,
+                           momentum_config=config.momentum,
+                           total_steps=total_steps)
 
   def evaluate_online(state):
     return online.evaluate(
@@ -277,7 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       headline_metric="contrastive_acc")
   result = {"train": last_metrics, "step": int(jax.device_get(state.step)),
             "preempted": preempted}
-  if not preempted and config.model.num_prototypes:
+  if not preempted and (config.model.num_prototypes
+                        or config.model.get("linear_classes", 0)):
     # The prototype classifier is scored directly (ESupCon), as the CE
     # trainer's classifier: `classifier_eval.json`.
     with jax.set_mesh(mesh):

@@ -31,6 +31,7 @@ from contrastive import nonfinite
 from contrastive import preemption
 from contrastive import sharding
 from contrastive import throughput
+from contrastive.data import device_augment
 from contrastive.data import input_pipeline
 
 
@@ -85,6 +86,8 @@ def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
   start_step = int(jax.device_get(state.step))
   replicated = sharding.replicated(mesh)
   tally = jax.device_put(nonfinite.initial_tally(), replicated)
+  # With `input.augment.on_device`, the step finishes the views first.
+  step = device_augment.with_device_augment(step, config.input.augment)
   step_fn = jax.jit(
       nonfinite.guard(step, config.nonfinite),
       in_shardings=(state_shardings, replicated,

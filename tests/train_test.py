@@ -122,3 +122,34 @@ def test_esupcon_trains_its_prototypes_and_scores_them(fake_data, tmp_path,
   config.model.num_prototypes = 3
   with pytest.raises(ValueError, match="num_prototypes=3 must be the number"):
     train.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
+@pytest.mark.slow
+def test_moco_with_views_finished_on_device_resumes_exactly(fake_data,
+                                                            tmp_path,
+                                                            monkeypatch):
+  # The key encoder and the queue are checkpointed with the state, and with
+  # input.augment.on_device the step does jitter and blur from the
+  # pipeline's per-view keys: a resumed run replays the same losses.
+  monkeypatch.setenv(fashion_mnist.ENV_VAR, fake_data)
+  config = _tiny_config(str(tmp_path / "tfds"), "moco")
+  # Constant momentum: the cosine one depends on total_steps, which the
+  # first, shorter run below sets to 2.
+  config.momentum.update(queue_size=48, schedule="constant")
+  config.input.augment.update(on_device=True, blur_prob=0.5)
+  config.linear_eval.enabled = False
+  config.online_eval.every_steps = 0
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(config, straight)
+  config.total_steps = 2
+  resumed = str(tmp_path / "resumed")
+  train.train_and_evaluate(config, resumed)
+  config.total_steps = 4
+  train.train_and_evaluate(config, resumed)
+  rows = [_read_jsonl(os.path.join(d, "metrics.jsonl"))
+          for d in (straight, resumed)]
+  losses = [[r["loss"] for r in run] for run in rows]
+  assert len(losses[0]) == 4 and all(loss > 0 for loss in losses[0])
+  assert losses[0] == losses[1]
+  assert ([r["ema_momentum"] for r in rows[0]]
+          == [r["ema_momentum"] for r in rows[1]])

@@ -16,8 +16,8 @@ import tensorflow as tf
 Seed = tf.Tensor
 _Op = Callable[[tf.Tensor], tf.Tensor]
 
-_BLUR_SIGMA_RANGE = (0.1, 2.0)
-_SOLARIZE_THRESHOLD = 0.5
+BLUR_SIGMA_RANGE = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 0.5
 EVAL_CROP_FRACTION = 0.875
 
 
@@ -32,16 +32,31 @@ def _split(seed: Seed, num: int) -> list[Seed]:
   return tf.unstack(tf.random.experimental.stateless_split(seed, num=num))
 
 
+def _coin(seed: Seed, prob: float) -> tf.Tensor:
+  """A bool scalar, True with probability `prob`, decided by `seed`.
+
+  Constant for `prob` <= 0 or >= 1, so that `_apply_if` keeps the op out of
+  the graph (or its `tf.cond`) entirely.
+  """
+  if prob <= 0:
+    return tf.constant(False)
+  if prob >= 1:
+    return tf.constant(True)
+  return tf.random.stateless_uniform([], seed) < prob
+
+
+def _apply_if(apply: tf.Tensor, op: _Op, image: tf.Tensor) -> tf.Tensor:
+  """`op(image)` where `apply`, with static short cuts for constants."""
+  constant = tf.get_static_value(apply)
+  if constant is not None:
+    return op(image) if constant else image
+  return tf.cond(apply, lambda: op(image), lambda: image)
+
+
 def _maybe_apply(op: _Op, image: tf.Tensor, prob: float,
                  seed: Seed) -> tf.Tensor:
   """Applies `op` with probability `prob`, decided by `seed`."""
-  # Static short cuts keep disabled ops out of the tf.data graph entirely.
-  if prob <= 0:
-    return image
-  if prob >= 1:
-    return op(image)
-  apply = tf.random.stateless_uniform([], seed) < prob
-  return tf.cond(apply, lambda: op(image), lambda: image)
+  return _apply_if(_coin(seed, prob), op, image)
 
 
 def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -191,21 +206,71 @@ def _clip_if(image: tf.Tensor, needed: tf.Tensor) -> tf.Tensor:
                  lambda: image)
 
 
-def _brightness(image: tf.Tensor, seed: Seed, delta: float) -> tf.Tensor:
-  # SimCLR v2 scales brightness rather than shifting it.
-  factor = tf.random.stateless_uniform([], seed, max(0.0, 1.0 - delta),
-                                       1.0 + delta)
-  # Only a factor above 1 can leave [0, 1].
+def _brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+  # SimCLR v2 scales brightness rather than shifting it. Only a factor above
+  # 1 can leave [0, 1].
   return _clip_if(image * factor, factor > 1.0)
 
 
-def _contrast(image: tf.Tensor, seed: Seed, low: float,
-              high: float) -> tf.Tensor:
-  # The factor `tf.image.stateless_random_contrast` draws from this seed.
-  factor = tf.random.stateless_uniform([], seed, low, high)
+def _contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   # Below 1, pixels move towards their mean: they stay in [0, 1] (up to
   # rounding, which the final clip of `color_jitter` catches).
   return _clip_if(tf.image.adjust_contrast(image, factor), factor > 1.0)
+
+
+# The jitter ops in the order `color_jitter_params` indexes them; the last
+# two need RGB.
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def jitter_ranges(strength: float, channels: int
+                  ) -> dict[str, tuple[float, float]]:
+  """The uniform range of each jitter op's amount at strength s.
+
+  Brightness, contrast and saturation factors in [max(0, 1 - 0.8s),
+  1 + 0.8s], the hue shift in [-min(0.5, 0.2s), min(0.5, 0.2s)] (SimCLR);
+  1-channel images get brightness and contrast only.
+  """
+  low, high = max(0.0, 1.0 - 0.8 * strength), 1.0 + 0.8 * strength
+  hue = min(0.5, 0.2 * strength)
+  ranges = {"brightness": (low, high), "contrast": (low, high),
+            "saturation": (low, high), "hue": (-hue, hue)}
+  return {op: ranges[op] for op in JITTER_OPS[:4 if channels == 3 else 2]}
+
+
+def color_jitter_params(seed: Seed, *, strength: float,
+                        channels: int) -> dict[str, tf.Tensor]:
+  """The amounts and order of `color_jitter` for `seed`.
+
+  Returns:
+    {op: float32 scalar amount} for the ops of `jitter_ranges`, and
+    "order": int32 [ops], the op indices (into `JITTER_OPS`) in the order
+    they apply, a uniformly random permutation.
+  """
+  ranges = jitter_ranges(strength, channels)
+  *op_seeds, order_seed = _split(seed, len(ranges) + 1)
+  params = {op: tf.random.stateless_uniform([], op_seed, *bounds)
+            for (op, bounds), op_seed in zip(ranges.items(), op_seeds)}
+  params["order"] = tf.argsort(
+      tf.random.stateless_uniform([len(ranges)], order_seed))
+  return params
+
+
+def apply_color_jitter(image: tf.Tensor,
+                       params: dict[str, tf.Tensor]) -> tf.Tensor:
+  """Applies the jitter `params` (from `color_jitter_params`) in order."""
+  ops = {
+      "brightness": _brightness,
+      "contrast": _contrast,
+      "saturation": tf.image.adjust_saturation,
+      "hue": tf.image.adjust_hue,
+  }
+  names = [op for op in JITTER_OPS if op in params]
+  for position in range(len(names)):
+    branches = [functools.partial(ops[op], image, params[op])
+                for op in names]
+    image = tf.switch_case(params["order"][position], branches)
+  return tf.clip_by_value(image, 0.0, 1.0)
 
 
 def color_jitter(image: tf.Tensor, seed: Seed, *,
@@ -227,35 +292,38 @@ def color_jitter(image: tf.Tensor, seed: Seed, *,
     rounding: the same images (to rounding) as clipping after every op,
     at half the clips.
   """
-  low, high = max(0.0, 1.0 - 0.8 * strength), 1.0 + 0.8 * strength
-  ops = [
-      functools.partial(_brightness, delta=0.8 * strength),
-      functools.partial(_contrast, low=low, high=high),
-  ]
-  if image.shape[-1] == 3:
-    ops += [
-        lambda x, s: tf.image.stateless_random_saturation(x, low, high, s),
-        lambda x, s: tf.image.stateless_random_hue(
-            x, min(0.5, 0.2 * strength), s),
-    ]
-  *op_seeds, order_seed = _split(seed, len(ops) + 1)
-  order = tf.argsort(tf.random.stateless_uniform([len(ops)], order_seed))
-  for position in range(len(ops)):
-    branches = [functools.partial(op, image, op_seed)
-                for op, op_seed in zip(ops, op_seeds)]
-    image = tf.switch_case(order[position], branches)
-  return tf.clip_by_value(image, 0.0, 1.0)
+  return apply_color_jitter(image, color_jitter_params(
+      seed, strength=strength, channels=image.shape[-1]))
 
 
 def random_color_jitter(image: tf.Tensor, seed: Seed, *, strength: float,
                         prob: float = 0.8) -> tf.Tensor:
   """Applies `color_jitter` with probability `prob`."""
-  if strength <= 0:
-    return image
+  params = _jitter_draws(seed, prob=prob, strength=strength,
+                         channels=image.shape[-1])
+  return _apply_jitter_draws(image, params)
+
+
+def _jitter_draws(seed: Seed, *, prob: float, strength: float,
+                  channels: int) -> dict[str, tf.Tensor]:
+  """{"jitter": whether, **color_jitter_params} (nothing if disabled)."""
+  if strength <= 0 or prob <= 0:
+    return {}
   apply_seed, jitter_seed = _split(seed, 2)
-  return _maybe_apply(
-      functools.partial(color_jitter, seed=jitter_seed, strength=strength),
-      image, prob, apply_seed)
+  return {"jitter": _coin(apply_seed, prob),
+          **color_jitter_params(jitter_seed, strength=strength,
+                                channels=channels)}
+
+
+def _apply_jitter_draws(image: tf.Tensor,
+                        params: dict[str, tf.Tensor]) -> tf.Tensor:
+  if "jitter" not in params:
+    return image
+  amounts = {key: value for key, value in params.items()
+             if key in JITTER_OPS or key == "order"}
+  return _apply_if(params["jitter"],
+                   functools.partial(apply_color_jitter, params=amounts),
+                   image)
 
 
 def to_grayscale(image: tf.Tensor) -> tf.Tensor:
@@ -275,9 +343,22 @@ def to_grayscale(image: tf.Tensor) -> tf.Tensor:
 def random_grayscale(image: tf.Tensor, seed: Seed, *,
                      prob: float = 0.2) -> tf.Tensor:
   """Converts to grayscale with probability `prob` (no-op on 1 channel)."""
-  if image.shape[-1] != 3:
+  return _apply_grayscale_draws(
+      image, _grayscale_draws(seed, prob=prob, channels=image.shape[-1]))
+
+
+def _grayscale_draws(seed: Seed, *, prob: float,
+                     channels: int) -> dict[str, tf.Tensor]:
+  if channels != 3 or prob <= 0:
+    return {}
+  return {"grayscale": _coin(seed, prob)}
+
+
+def _apply_grayscale_draws(image: tf.Tensor,
+                           params: dict[str, tf.Tensor]) -> tf.Tensor:
+  if "grayscale" not in params:
     return image
-  return _maybe_apply(to_grayscale, image, prob, seed)
+  return _apply_if(params["grayscale"], to_grayscale, image)
 
 
 def _blur_rows(image: tf.Tensor, kernel: tf.Tensor,
@@ -319,6 +400,11 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, *,
   return tf.transpose(horizontal, [1, 0, 2])
 
 
+def blur_radius(size: int) -> int:
+  """The blur kernel's half-width for S x S views: ~10% of S, as SimCLR."""
+  return max(1, size // 20)
+
+
 def random_blur(image: tf.Tensor, seed: Seed, *, prob: float) -> tf.Tensor:
   """With probability `prob`, blurs with sigma ~ U[0.1, 2.0] (SimCLR).
 
@@ -329,22 +415,37 @@ def random_blur(image: tf.Tensor, seed: Seed, *, prob: float) -> tf.Tensor:
 
   Returns:
     The maybe-blurred image, in [0, 1] if the input is. The kernel spans
-    ~10% of the side, as SimCLR.
+    ~10% of the side (`blur_radius`), as SimCLR.
   """
+  return _apply_blur_draws(image, _blur_draws(seed, prob=prob))
+
+
+def _blur_draws(seed: Seed, *, prob: float) -> dict[str, tf.Tensor]:
+  if prob <= 0:
+    return {}
   apply_seed, sigma_seed = _split(seed, 2)
-  radius = max(1, image.shape[0] // 20)
+  return {"blur": _coin(apply_seed, prob),
+          "blur_sigma": tf.random.stateless_uniform([], sigma_seed,
+                                                    *BLUR_SIGMA_RANGE)}
+
+
+def _apply_blur_draws(image: tf.Tensor,
+                      params: dict[str, tf.Tensor]) -> tf.Tensor:
+  if "blur" not in params:
+    return image
 
   def blur(x):
-    sigma = tf.random.stateless_uniform([], sigma_seed, *_BLUR_SIGMA_RANGE)
+    blurred = gaussian_blur(x, params["blur_sigma"],
+                            radius=blur_radius(image.shape[0]))
     # Rounding can put a weighted mean of pixels in [0, 1] just outside.
-    return tf.clip_by_value(gaussian_blur(x, sigma, radius=radius), 0.0, 1.0)
+    return tf.clip_by_value(blurred, 0.0, 1.0)
 
-  return _maybe_apply(blur, image, prob, apply_seed)
+  return _apply_if(params["blur"], blur, image)
 
 
 def solarize(image: tf.Tensor) -> tf.Tensor:
   """Inverts the pixels at or above 0.5."""
-  return tf.where(image < _SOLARIZE_THRESHOLD, image, 1.0 - image)
+  return tf.where(image < SOLARIZE_THRESHOLD, image, 1.0 - image)
 
 
 def random_solarize(image: tf.Tensor, seed: Seed, *,
@@ -353,19 +454,65 @@ def random_solarize(image: tf.Tensor, seed: Seed, *,
   return _maybe_apply(solarize, image, prob, seed)
 
 
+def post_crop_params(seeds: list[Seed], *, channels: int,
+                     color_jitter_prob: float, color_strength: float,
+                     grayscale_prob: float, blur_prob: float,
+                     solarize_prob: float) -> dict[str, tf.Tensor]:
+  """Every random choice of the ops after crop and flip, for one view.
+
+  What `apply_post_crop` applies; `contrastive/data/device_augment.py`
+  draws the same parameters from the same distributions with JAX, for the
+  ops run on the accelerator instead (`input.augment.on_device`).
+
+  Args:
+    seeds: the [2] seeds of colour jitter, grayscale, blur and solarize.
+    channels: image channels (saturation, hue and grayscale need 3).
+    color_jitter_prob: probability of colour jitter.
+    color_strength: colour jitter strength s (0 disables it).
+    grayscale_prob: probability of grayscale.
+    blur_prob: probability of Gaussian blur.
+    solarize_prob: probability of solarization.
+
+  Returns:
+    Only the enabled ops' entries: "jitter" (bool), the `JITTER_OPS`
+    amounts and "order" (see `color_jitter_params`); "grayscale" (bool);
+    "blur" (bool) and "blur_sigma"; "solarize" (bool).
+  """
+  jitter_seed, gray_seed, blur_seed, solarize_seed = seeds
+  params = {
+      **_jitter_draws(jitter_seed, prob=color_jitter_prob,
+                      strength=color_strength, channels=channels),
+      **_grayscale_draws(gray_seed, prob=grayscale_prob, channels=channels),
+      **_blur_draws(blur_seed, prob=blur_prob),
+  }
+  if solarize_prob > 0:
+    params["solarize"] = _coin(solarize_seed, solarize_prob)
+  return params
+
+
+def apply_post_crop(view: tf.Tensor,
+                    params: dict[str, tf.Tensor]) -> tf.Tensor:
+  """Colour jitter, grayscale, blur, solarize: the ops `params` holds."""
+  view = _apply_jitter_draws(view, params)
+  view = _apply_grayscale_draws(view, params)
+  view = _apply_blur_draws(view, params)
+  if "solarize" in params:
+    view = _apply_if(params["solarize"], solarize, view)
+  return view
+
+
 def _finish_view(view: tf.Tensor, seeds: list[Seed], *, flip: bool,
                  color_jitter_prob: float, color_strength: float,
                  grayscale_prob: float, blur_prob: float,
                  solarize_prob: float) -> tf.Tensor:
   """The ops after the crop, each keeping [0, 1]: no final clip is needed."""
-  flip_seed, jitter_seed, gray_seed, blur_seed, solarize_seed = seeds
+  flip_seed, *op_seeds = seeds
   if flip:
     view = random_flip(view, flip_seed)
-  view = random_color_jitter(view, jitter_seed, strength=color_strength,
-                             prob=color_jitter_prob)
-  view = random_grayscale(view, gray_seed, prob=grayscale_prob)
-  view = random_blur(view, blur_seed, prob=blur_prob)
-  return random_solarize(view, solarize_seed, prob=solarize_prob)
+  return apply_post_crop(view, post_crop_params(
+      op_seeds, channels=view.shape[-1], color_jitter_prob=color_jitter_prob,
+      color_strength=color_strength, grayscale_prob=grayscale_prob,
+      blur_prob=blur_prob, solarize_prob=solarize_prob))
 
 
 def simclr_view(image: tf.Tensor, seed: Seed, *, size: int,
@@ -450,6 +597,20 @@ def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
                    grayscale_prob=grayscale_prob, blur_prob=blur_prob,
                    solarize_prob=solarize_prob)
       for view, split in zip(views, view_seeds)])
+
+
+def deferred_op_keys(seeds: tf.Tensor) -> tf.Tensor:
+  """uint32 [V, 2] key data for the views' post-crop ops on the accelerator.
+
+  For `input.augment.on_device` (`contrastive/data/device_augment.py`):
+  drawn from each view's colour-jitter seed, which the host then leaves
+  unused, so the keys are a pure function of the view seeds [V, 2] and
+  independent of the crop and flip.
+  """
+  return tf.stack([
+      tf.random.stateless_uniform([2], _split(seeds[v], 6)[2], minval=None,
+                                  maxval=None, dtype=tf.uint32)
+      for v in range(seeds.shape[0])])
 
 
 def _center_crop_window(height: tf.Tensor, width: tf.Tensor,

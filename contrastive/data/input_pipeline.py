@@ -29,6 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from contrastive.data import augment
+from contrastive.data import device_augment
 # Imported to register the `fashion_mnist_idx` and `biased_fashion_mnist`
 # builders with TFDS.
 from contrastive.data import biased_fashion_mnist
@@ -195,16 +196,21 @@ def num_examples(dataset: str, split: str, data_dir: str | None) -> int:
 
 
 def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
-  return dict(
+  """`augment.simclr_views` options; only crop and flip if `on_device`."""
+  if device_augment.enabled(augment_config):
+    post_crop = dict(color_jitter_prob=0.0, grayscale_prob=0.0,
+                     blur_prob=0.0, solarize_prob=0.0)
+  else:
+    post_crop = dict(color_jitter_prob=augment_config.color_jitter_prob,
+                     grayscale_prob=augment_config.grayscale_prob,
+                     blur_prob=augment_config.blur_prob,
+                     solarize_prob=augment_config.solarize_prob)
+  return dict(**post_crop,
       area_range=(augment_config.crop_area_min, augment_config.crop_area_max),
       aspect_range=(augment_config.crop_aspect_min,
                     augment_config.crop_aspect_max),
       flip=augment_config.flip,
-      color_jitter_prob=augment_config.color_jitter_prob,
-      color_strength=augment_config.color_strength,
-      grayscale_prob=augment_config.grayscale_prob,
-      blur_prob=augment_config.blur_prob,
-      solarize_prob=augment_config.solarize_prob)
+      color_strength=augment_config.color_strength)
 
 
 def _cached_shard(builder: tfds.core.DatasetBuilder,
@@ -274,7 +280,9 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
   Returns:
     A dataset of {"image": float32 [b, views, S, S, C] in [0, 1],
     "label": int32 [b]}, plus "bias_label": int32 [b] for datasets that have
-    it (e.g. `biased_fashion_mnist`); b = batch_size // process_count. The
+    it (e.g. `biased_fashion_mnist`), and "view_key" with
+    `augment.on_device` (see `augmented_batches`); b = batch_size //
+    process_count. The
     split is cut into process_count equal shards (dropping at most
     process_count - 1 examples) and each process reads only its own.
   """
@@ -345,9 +353,12 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
 
   Returns:
     Batches {"image": float32 [b, views, S, S, C] in [0, 1], key: int32 [b]
-    for each label key}.
+    for each label key}. With `augment_config.on_device`, the views are
+    only cropped and flipped, and "view_key": uint32 [b, views, 2] keys the
+    rest, done by the train step (`contrastive/data/device_augment.py`).
   """
   view_kwargs = _view_kwargs(augment_config)
+  on_device = device_augment.enabled(augment_config)
 
   def make_views(position, example):
     image, labels = example
@@ -357,8 +368,12 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
     views = augment.simclr_views(image, view_seeds, size=image_size,
                                  encoded=encoded, channels=channels,
                                  **view_kwargs)
-    return {"image": views,
-            **{key: tf.cast(value, tf.int32) for key, value in labels.items()}}
+    batch = {"image": views,
+             **{key: tf.cast(value, tf.int32)
+                for key, value in labels.items()}}
+    if on_device:
+      batch[device_augment.VIEW_KEY] = augment.deferred_op_keys(view_seeds)
+    return batch
 
   dataset = examples.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)
   dataset = dataset.batch(local_batch_size, drop_remainder=True,

@@ -47,7 +47,8 @@ LBFGS = "lbfgs"  # The minimal probe of `linear.py`; not an SGD protocol.
 CROP_FLIP = dict(
     crop_area_min=0.08, crop_area_max=1.0, crop_aspect_min=3 / 4,
     crop_aspect_max=4 / 3, flip=True, color_jitter_prob=0.0,
-    color_strength=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+    color_strength=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0,
+    on_device=False)
 
 
 @dataclasses.dataclass(frozen=True)

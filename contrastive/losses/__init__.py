@@ -26,6 +26,22 @@ UniCon (`unicon.py`, the universum as the contrast set), FNC and
 false-negative removal (`fnc.py`, masks edited by a detector), the deep
 Bregman term (`bregman.py`, a second softmax over one-hot columns), ExCon
 (`excon.py`, SupCon over saliency-masked views).
+
+The momentum-encoder / queue losses take more inputs, as keyword arguments
+the trainer supplies (see `EXTRA_INPUTS`), and run with `loss_impl="gather"`
+only: `keys` float[batch, views, dim] (the momentum encoder's embeddings of
+the same views, stop-gradient) and `queue` float[K, dim] (past keys,
+replicated; `contrastive/momentum.py` keeps it and the EMA). Each query view
+is paired with the other view's key (views 0 and 1 are the key views; see
+`moco.py`), against the global batch's keys and the queue. MoCo, MoCHi
+(synthetic hard negatives, needs a per-step `rng`), SCE (soft targets from
+the keys' similarities), ReLIC (an invariance KL) and RényiCL (a skew-Rényi
+surrogate) are label-free (`moco.py`); PaCo and GPaCo (`paco.py`) need
+labels, `queue_labels` int[K] (-1: never a positive) and the classifier's
+`class_logits` float[batch, views, num_classes] (its class centres); GPaCo
+has no momentum encoder and takes no `keys`.
+
+  loss = losses.get("moco")(z, temperature=0.2, keys=k, queue=queue.keys)
 """
 
 from collections.abc import Callable
@@ -35,6 +51,8 @@ from contrastive.losses import dcl
 from contrastive.losses import esupcon
 from contrastive.losses import excon
 from contrastive.losses import fnc
+from contrastive.losses import moco
+from contrastive.losses import paco
 from contrastive.losses import supcon
 from contrastive.losses import unbiased
 from contrastive.losses import unicon
@@ -57,6 +75,13 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "fn_removal": (fnc.fn_removal, fnc.fn_removal_with_metrics),
     "bregman": (bregman.bregman, bregman.bregman_with_metrics),
     "excon": (excon.excon, excon.excon_with_metrics),
+    "moco": (moco.moco, moco.moco_with_metrics),
+    "mochi": (moco.mochi, moco.mochi_with_metrics),
+    "sce": (moco.sce, moco.sce_with_metrics),
+    "relic": (moco.relic, moco.relic_with_metrics),
+    "renyicl": (moco.renyicl, moco.renyicl_with_metrics),
+    "paco": (paco.paco, paco.paco_with_metrics),
+    "gpaco": (paco.gpaco, paco.gpaco_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
@@ -68,15 +93,28 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
 # universum images, which the trainer makes and embeds) and "bregman_phi"
 # (the model's [batch, views, K] Bregman sub-network outputs,
 # `config.model.bregman.subnetworks`). "explanations" is not an input but a
-# step the trainer runs first: ExCon's saliency-masked views.
+# step the trainer runs first: ExCon's saliency-masked views. The
+# momentum-encoder losses take "keys" (the momentum encoder's
+# [batch, views, dim] embeddings) and "queue" ([K, dim] past keys, from
+# `contrastive/momentum.py`); MoCHi also "rng" (a PRNG key per step); PaCo
+# and GPaCo "queue_labels" ([K] classes of the queue, -1 unknown) and
+# "class_logits" (the classifier's [batch, views, num_classes] logits).
 EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum",
-                "bregman_phi", "explanations")
+                "bregman_phi", "explanations", "keys", "queue", "rng",
+                "queue_labels", "class_logits")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
     "unicon": ("universum",),
     "bregman": ("bregman_phi",),
     "excon": ("explanations",),
+    "moco": ("keys", "queue"),
+    "mochi": ("keys", "queue", "rng"),
+    "sce": ("keys", "queue"),
+    "relic": ("keys", "queue"),
+    "renyicl": ("keys", "queue"),
+    "paco": ("keys", "queue", "queue_labels", "class_logits"),
+    "gpaco": ("queue", "queue_labels", "class_logits"),
 }
 
 

@@ -30,4 +30,5 @@ def create(model_config: ml_collections.ConfigDict) -> encoder.ContrastiveModel:
           "subnetworks", 0),
       bregman_hidden_dim=model_config.get("bregman", {}).get(
           "hidden_dim", 256),
+      linear_classes=model_config.get("linear_classes", 0),
   )

@@ -102,6 +102,7 @@ class ContrastiveModel(nn.Module):
   num_prototypes: int = 0
   bregman_subnetworks: int = 0
   bregman_hidden_dim: int = 256
+  linear_classes: int = 0
 
   def setup(self):
     self.encoder = resnet.ResNet(
@@ -117,6 +118,11 @@ class ContrastiveModel(nn.Module):
     if self.bregman_subnetworks:
       self.bregman = BregmanSubnetworks(self.bregman_subnetworks,
                                         self.bregman_hidden_dim)
+    if self.linear_classes:
+      # PaCo's parametric class centres: a linear classifier on the
+      # features, trained by the loss with the encoder.
+      self.classifier = nn.Dense(self.linear_classes, dtype=jnp.float32,
+                                 param_dtype=jnp.float32)
 
   def __call__(self, x, train: bool):
     h = self.encoder(x, train=train)
@@ -130,12 +136,18 @@ class ContrastiveModel(nn.Module):
           precision=jax.lax.Precision.HIGHEST)
     if self.bregman_subnetworks:
       outputs["bregman_phi"] = self.bregman(h)
+    if self.linear_classes:
+      outputs["class_logits"] = self.classifier(h.astype(jnp.float32))
     return outputs
 
   def classify(self, x):
-    """Prototype cosines of images (BN in inference mode): the logits of
-    the prototype classifier, argmax = the predicted class."""
-    return self(x, train=False)["prototype_cosines"]
+    """Class scores of images (BN in inference mode), argmax = the
+    predicted class: the prototype cosines (ESupCon), else the linear
+    classifier's logits (PaCo)."""
+    outputs = self(x, train=False)
+    if self.num_prototypes:
+      return outputs["prototype_cosines"]
+    return outputs["class_logits"]
 
   def features(self, x):
     """Frozen-encoder features for evaluation (BN in inference mode)."""

@@ -1,0 +1,146 @@
+"""EMA, momentum schedule and the key queue against numpy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contrastive import momentum
+from contrastive import sharding
+
+
+def test_ema_update_matches_numpy_and_keeps_dtypes():
+  rng = np.random.default_rng(0)
+  target = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+            "b": {"x": rng.normal(size=(5,)).astype(jnp.bfloat16)}}
+  online = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+            "b": {"x": rng.normal(size=(5,)).astype(jnp.bfloat16)}}
+  new = jax.jit(momentum.ema_update)(target, online, 0.9)
+  expected_w = (0.9 * target["w"].astype(np.float64)
+                + 0.1 * online["w"].astype(np.float64))
+  np.testing.assert_allclose(new["w"], expected_w, rtol=1e-6, atol=1e-7)
+  assert new["w"].dtype == jnp.float32
+  assert new["b"]["x"].dtype == jnp.bfloat16
+  expected_x = (0.9 * np.asarray(target["b"]["x"], np.float64)
+                + 0.1 * np.asarray(online["b"]["x"], np.float64))
+  np.testing.assert_allclose(np.asarray(new["b"]["x"], np.float64),
+                             expected_x, rtol=1e-2, atol=1e-2)
+  # Momentum 1 keeps the target, 0 copies the online parameters.
+  np.testing.assert_array_equal(
+      momentum.ema_update(target, online, 1.0)["w"], target["w"])
+  np.testing.assert_array_equal(
+      momentum.ema_update(target, online, 0.0)["w"], online["w"])
+
+
+def test_momentum_schedule():
+  cosine = lambda step: float(momentum.momentum_schedule(step, 100, 0.99))
+  np.testing.assert_allclose(cosine(0), 0.99, rtol=1e-7)
+  np.testing.assert_allclose(cosine(100), 1.0, rtol=1e-7)
+  np.testing.assert_allclose(cosine(50), 0.995, rtol=1e-7)
+  np.testing.assert_allclose(
+      cosine(30), 1 - 0.01 * (math.cos(math.pi * 0.3) + 1) / 2, rtol=1e-7)
+  assert cosine(200) == pytest.approx(1.0)
+  values = [cosine(s) for s in range(0, 101, 10)]
+  assert values == sorted(values)
+  for step in (0, 37, 100):
+    assert float(momentum.momentum_schedule(
+        step, 100, 0.999, schedule="constant")) == pytest.approx(0.999)
+  # Traced steps work (the schedule runs inside the train step).
+  np.testing.assert_allclose(
+      jax.jit(lambda s: momentum.momentum_schedule(s, 100, 0.99))(
+          jnp.int32(50)), 0.995, rtol=1e-7)
+  with pytest.raises(ValueError, match="schedule"):
+    momentum.momentum_schedule(0, 100, 0.99, schedule="linear")
+  with pytest.raises(ValueError, match="total_steps"):
+    momentum.momentum_schedule(0, 0, 0.99)
+
+
+def test_init_queue():
+  queue = momentum.init_queue(16, 8, jax.random.key(0))
+  assert queue.keys.shape == (16, 8) and queue.keys.dtype == jnp.float32
+  np.testing.assert_allclose(np.linalg.norm(queue.keys, axis=1), 1.0,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(queue.labels, -np.ones(16))
+  assert queue.labels.dtype == jnp.int32 and int(queue.pointer) == 0
+  assert queue.size == 16
+  assert momentum.init_queue(0, 8, jax.random.key(0)).keys.shape == (0, 8)
+
+
+class _NumpyQueue:
+  """The FIFO written out position by position."""
+
+  def __init__(self, keys, labels):
+    self.keys, self.labels, self.pointer = keys.copy(), labels.copy(), 0
+
+  def enqueue(self, new_keys, new_labels):
+    for key, label in zip(new_keys, new_labels):
+      self.keys[self.pointer] = key
+      self.labels[self.pointer] = label
+      self.pointer = (self.pointer + 1) % len(self.keys)
+
+
+def test_enqueue_matches_numpy_with_wrap_around():
+  rng = np.random.default_rng(1)
+  queue = momentum.init_queue(10, 3, jax.random.key(0))
+  reference = _NumpyQueue(np.asarray(queue.keys), np.asarray(queue.labels))
+  step = jax.jit(momentum.enqueue)
+  # 4 + 4 + 4 wraps at 10 in the third batch; 7 then wraps again.
+  for n in (4, 4, 4, 7, 10):
+    keys = rng.normal(size=(n, 3)).astype(np.float32)
+    labels = rng.integers(0, 5, size=n).astype(np.int32)
+    queue = step(queue, keys, labels)
+    reference.enqueue(keys, labels)
+    np.testing.assert_array_equal(queue.keys, reference.keys)
+    np.testing.assert_array_equal(queue.labels, reference.labels)
+    assert int(queue.pointer) == reference.pointer
+  unlabelled = momentum.enqueue(queue, np.ones((2, 3), np.float32))
+  written = (reference.pointer + np.arange(2)) % 10
+  np.testing.assert_array_equal(unlabelled.labels[written], [-1, -1])
+  np.testing.assert_array_equal(unlabelled.keys[written], np.ones((2, 3)))
+
+
+def test_enqueue_errors():
+  queue = momentum.init_queue(4, 3, jax.random.key(0))
+  with pytest.raises(ValueError, match="queue of 4 rows"):
+    momentum.enqueue(queue, np.ones((5, 3), np.float32))
+  with pytest.raises(ValueError, match="float\\[n, 3\\]"):
+    momentum.enqueue(queue, np.ones((2, 4), np.float32))
+  with pytest.raises(ValueError, match="new_labels"):
+    momentum.enqueue(queue, np.ones((2, 3), np.float32),
+                     np.zeros((3,), np.int32))
+  # No queue (size 0): enqueueing is a no-op, not an error.
+  empty = momentum.init_queue(0, 3, jax.random.key(0))
+  assert momentum.enqueue(empty, np.ones((5, 3), np.float32)).keys.shape == (
+      0, 3)
+
+
+def test_sharded_enqueue_equals_one_device():
+  """A global batch sharded over 8 devices lands in batch-major order."""
+  rng = np.random.default_rng(2)
+  keys = [rng.normal(size=(16, 4)).astype(np.float32) for _ in range(3)]
+  labels = [rng.integers(0, 9, size=16).astype(np.int32) for _ in range(3)]
+
+  def run(devices):
+    mesh = sharding.make_mesh(devices=jax.devices()[:devices])
+    with jax.set_mesh(mesh):
+      queue = jax.device_put(momentum.init_queue(40, 4, jax.random.key(3)),
+                             sharding.replicated(mesh))
+      step = jax.jit(momentum.enqueue)
+      put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+      for k, y in zip(keys, labels):  # 16 + 16 + 16 wraps at 40.
+        queue = step(queue, put(k), put(y))
+      return jax.device_get(queue)
+
+  assert len(jax.devices()) >= 8
+  one, eight = run(1), run(8)
+  np.testing.assert_array_equal(eight.keys, one.keys)
+  np.testing.assert_array_equal(eight.labels, one.labels)
+  assert int(eight.pointer) == int(one.pointer) == 48 % 40
+  reference = _NumpyQueue(np.asarray(momentum.init_queue(
+      40, 4, jax.random.key(3)).keys), -np.ones(40, np.int32))
+  for k, y in zip(keys, labels):
+    reference.enqueue(k, y)
+  np.testing.assert_array_equal(one.keys, reference.keys)
+  np.testing.assert_array_equal(one.labels, reference.labels)

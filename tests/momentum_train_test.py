@@ -1,0 +1,163 @@
+"""The trainer's momentum state: key encoder EMA, queue, sharding, resume."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke_fashion_mnist
+from contrastive import losses
+from contrastive import models
+from contrastive import momentum
+from contrastive import optim
+from contrastive import sharding
+from contrastive import state as state_lib
+from contrastive import train
+
+IMAGE_SHAPE = (12, 12, 1)
+BATCH = 16
+
+
+def _config(method="moco"):
+  config = smoke_fashion_mnist.get_config(method)
+  config.model.width = 0.125
+  config.model.head.hidden_dims = (32,)
+  config.model.head.out_dim = 16
+  config.momentum.update(queue_size=80, base=0.9)
+  return config
+
+
+def _batches(count, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{"image": rng.uniform(size=(BATCH, 2, *IMAGE_SHAPE)
+                                ).astype(np.float32),
+           "label": rng.integers(0, 4, size=BATCH).astype(np.int32)}
+          for _ in range(count)]
+
+
+def _setup(config, mesh, total_steps=10):
+  model = models.create(config.model)
+  schedule = optim.learning_rate_schedule(config.optim, BATCH, total_steps, 0)
+  tx = optim.create(config.optim, schedule)
+  needs = losses.extra_inputs(config.loss.name)
+  state = state_lib.create_train_state(
+      model, tx, jax.random.key(0), IMAGE_SHAPE, mesh,
+      momentum_encoder="keys" in needs,
+      queue_size=config.momentum.queue_size if "queue" in needs else None)
+  step = jax.jit(functools.partial(
+      train.train_step, model=model, tx=tx,
+      loss_fn=losses.get_with_metrics(config.loss.name),
+      loss_config=config.loss, schedule=schedule,
+      momentum_config=config.momentum, total_steps=total_steps))
+  return model, state, step
+
+
+def _run(config, mesh, batches):
+  _, state, step = _setup(config, mesh)
+  metrics = []
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      state, m = step(state, sharding.make_global_batch(mesh, batch))
+      metrics.append(jax.device_get(m))
+  return jax.device_get(state), metrics
+
+
+def test_step_moves_the_key_encoder_by_the_ema_and_enqueues_its_keys():
+  config = _config()
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  model, initial, step = _setup(config, mesh)
+  initial = jax.device_get(initial)
+  # The key encoder starts as a copy of the online one.
+  for a, b in zip(jax.tree.leaves(initial.params),
+                  jax.tree.leaves(initial.momentum["params"])):
+    np.testing.assert_array_equal(a, b)
+  queue = initial.momentum["queue"]
+  assert queue.keys.shape == (80, 16) and int(queue.pointer) == 0
+  np.testing.assert_allclose(np.linalg.norm(queue.keys, axis=1), 1.0,
+                             rtol=1e-5)
+  assert (queue.labels == -1).all()
+
+  batch = _batches(1)[0]
+  with jax.set_mesh(mesh):
+    state, metrics = step(initial, sharding.make_global_batch(mesh, batch))
+  state = jax.device_get(state)
+
+  # EMA with the schedule's momentum at step 0 (the base).
+  base = config.momentum.base
+  assert float(metrics["ema_momentum"]) == pytest.approx(base)
+  for target, online, new in zip(jax.tree.leaves(initial.momentum["params"]),
+                                 jax.tree.leaves(state.params),
+                                 jax.tree.leaves(state.momentum["params"])):
+    np.testing.assert_allclose(new, base * target + (1 - base) * online,
+                               rtol=1e-6, atol=1e-7)
+  assert not np.allclose(state.params["head"]["Dense_0"]["kernel"],
+                         initial.params["head"]["Dense_0"]["kernel"])
+
+  # The enqueued rows: the (old) key encoder's embeddings of the batch's
+  # two views, batch-major, in train-mode BN, with their labels.
+  outputs, _ = model.apply(
+      {"params": initial.momentum["params"],
+       "batch_stats": initial.momentum["batch_stats"]},
+      batch["image"].reshape(BATCH * 2, *IMAGE_SHAPE), train=True,
+      mutable=["batch_stats"])
+  expected = np.asarray(outputs["embedding"])
+  new_queue = state.momentum["queue"]
+  np.testing.assert_allclose(new_queue.keys[:2 * BATCH], expected,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(new_queue.keys[2 * BATCH:],
+                                queue.keys[2 * BATCH:])
+  np.testing.assert_array_equal(new_queue.labels[:2 * BATCH],
+                                np.repeat(batch["label"], 2))
+  assert int(new_queue.pointer) == 2 * BATCH
+
+
+def test_eight_devices_equal_one_and_the_queue_wraps_around():
+  config = _config()
+  batches = _batches(3, seed=1)  # 3 x 32 keys into 80 rows: wraps once.
+  state1, metrics1 = _run(config, sharding.make_mesh(devices=jax.devices()[:1]),
+                          batches)
+  state8, metrics8 = _run(config, sharding.make_mesh(), batches)
+  for m1, m8 in zip(metrics1, metrics8):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  assert int(state8.momentum["queue"].pointer) == (3 * 32) % 80
+  np.testing.assert_allclose(state8.momentum["queue"].keys,
+                             state1.momentum["queue"].keys, rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_array_equal(state8.momentum["queue"].labels,
+                                state1.momentum["queue"].labels)
+  for a, b in zip(jax.tree.leaves(state1.momentum),
+                  jax.tree.leaves(state8.momentum)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_a_queue_shorter_than_a_step_of_keys_is_refused():
+  config = _config()
+  config.input.batch_size = 64
+  config.momentum.queue_size = 100
+  with pytest.raises(ValueError, match="queue_size=100 is shorter than the "
+                     "128 keys"):
+    # pylint: disable-next=protected-access
+    train._momentum_state_spec(config)
+
+
+@pytest.mark.parametrize("method", [
+    "paco", "gpaco",
+    *[pytest.param(m, marks=pytest.mark.slow)
+      for m in ("mochi", "sce", "relic", "renyicl")]])
+def test_every_momentum_method_steps_on_eight_devices(method):
+  config = _config(method)
+  config.momentum.queue_size = 0 if method == "renyicl" else 64
+  if method in ("paco", "gpaco"):
+    config.model.linear_classes = 4
+  if method == "mochi":
+    config.loss.kwargs = dict(num_hard=16, num_mix=8, num_query_mix=4)
+  state, metrics = _run(config, sharding.make_mesh(), _batches(2, seed=2))
+  assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
+  assert metrics[0]["loss"] != metrics[1]["loss"]
+  # GPaCo has no key encoder: its queue takes the online embeddings.
+  assert ("params" in state.momentum) == (method != "gpaco")
+  if method != "renyicl":
+    queue = state.momentum["queue"]
+    assert int(queue.pointer) == (2 * 2 * BATCH) % 64
+    assert (queue.labels >= 0).all()  # Both steps' labels, all rows.
