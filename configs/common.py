@@ -98,8 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (streamed column blocks; memory O(local * block + global * dim)) or
   # "ring" (ppermute; memory independent of the global batch);
   # `block_size` 0 picks the block from the local batch.
+  # `class_prior` (PaCo, GPaCo on long-tailed data): the trainer counts the
+  # classes of input.train_split once and passes their frequencies, whose
+  # log the loss adds to the classifier's logits.
   config.loss = dict(name="simclr", temperature=0.1, use_labels=False,
-                     loss_impl="gather", block_size=0,
+                     loss_impl="gather", block_size=0, class_prior=False,
                      kwargs=ml_collections.ConfigDict())
   # GradCache: > 0 embeds the global batch in this many chunks without
   # keeping activations, takes the loss gradient w.r.t. the embeddings, then
@@ -114,6 +117,13 @@ def base_config() -> ml_collections.ConfigDict:
       train_split="train",
       batch_size=4096,  # Global, in images (each gives `views` views).
       views=2,
+      # Multi-crop (SwAV, ReLICv2, RényiCL): this many more views per image
+      # at `small_image_size`, cropped from `small_crop_area` of the image
+      # (same augmentations otherwise), embedded in their own pass and
+      # appended after the `views` ones (the key encoder sees those only).
+      small_views=0,
+      small_image_size=96,
+      small_crop_area=(0.05, 0.14),
       image_size=224,
       shuffle_buffer=50_000,
       augment=simclr_augment(1.0, blur_prob=0.5))

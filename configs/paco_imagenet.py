@@ -38,12 +38,10 @@ ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (`tfds build
 imagenet_lt --manual_dir=...`, which also fetches the ImageNet_LT split
 lists); the user must provide those archives.
 Deviations:
-  - ImageNet-LT: no log-prior adjustment of the class centres. The official
-    LT code adds log(class frequency) to the classifier's logits in the
-    loss (`cal_weight_for_classes`); the loss takes it as `class_prior`,
-    but the trainer does not yet compute the training-split frequencies
-    and a 1000-entry array does not belong in a config. Expect the LT
-    figures to be missed, mostly on the few-shot classes, until it does.
+  - ImageNet-LT: the log prior of the class centres, as the official LT
+    code's `cal_weight_for_classes`, comes from `config.loss.class_prior`:
+    the trainer counts the training split's classes once at start (one
+    pass over its records, images not decoded).
   - SimCLR-style augmentation on both views (crops 0.08-1, jitter strength
     0.5 with p 1, grayscale 0.2, blur 0.5, the official `sim` view); the
     official query view uses RandAugment(2, 10) (GPaCo: on both views),
@@ -96,6 +94,7 @@ def get_config(arg=None):
                       nesterov=False, warmup_epochs=10)
   config.total_epochs = float(args.epochs)
   if args.dataset == "imagenet_lt":
+    config.loss.class_prior = True
     config.linear_eval.update(enabled=True, protocol="simclr",
                               train_split="train", test_split="test",
                               knn_k=(20, 200))

@@ -21,9 +21,10 @@ unverified, and with the deviations below expect well under 77.1. The
 README's linear eval trains 100 epochs: the SimCLR protocol with
 `linear_eval.epochs=100`.
 Deviations (none of this is yet in the input pipeline or model):
-  - 2 views of 224 px, not ReLICv2's multi-crop (large 224 px crops plus
-    small ones of a different size, which the input pipeline cannot make
-    yet); the loss already pairs small-crop queries with both large keys.
+  - Multi-crop as 2 large 224 px views + 6 small 96 px ones of 5-14% of
+    the image (`input.small_views`, SwAV's small crops; ReLICv2's counts
+    and sizes unverified); small-crop queries meet both large keys, as the
+    pseudo-code's small x large pairs.
   - No saliency masking of the large crops' background.
   - No predictor; the projector ends in BN (BYOL's does not).
   - One augmentation recipe for both views: BYOL's two (blur 1.0 / 0.1,
@@ -45,7 +46,8 @@ def get_config(arg=None):
   # No queue: the negatives are the global batch's other images.
   config.momentum.update(base=0.996, schedule="cosine", queue_size=0)
   config.input.update(dataset="imagenet2012", batch_size=4096, image_size=224,
-                      views=2)
+                      views=2, small_views=6, small_image_size=96,
+                      small_crop_area=(0.05, 0.14))
   config.input.augment = common.simclr_augment(0.5, blur_prob=0.5,
                                                crop_area_min=0.08)
   config.input.augment.solarize_prob = 0.1

@@ -20,9 +20,10 @@ same multi-crop, and the paper's 2-view figures are not quoted here
 0.1 x B/256, 90 epochs), close to RényiCL's main_lincls.py (SGD, batch
 4096; its other values not checked).
 Deviations:
-  - 2 views of 224 px, not 2 large + 6 small 96 px crops: the input
-    pipeline cannot make views of different sizes yet (the loss already
-    pairs small-crop queries with both large keys).
+  - Multi-crop as 2 large 224 px views + 6 small 96 px ones
+    (`input.small_views`; each small-crop query meets both large keys):
+    the small crops' area range 0.05-0.14 is SwAV's, RényiCL's own value
+    not checked here.
   - No predictor (MoCo v3's 2-layer 4096-256 predictor on the online
     branch): the model has none yet.
   - One augmentation recipe for both views: the official source / target
@@ -45,7 +46,8 @@ def get_config(arg=None):
   config.loss.kwargs = dict(gamma=2.0, alpha=1.0 / 65536)
   config.momentum.update(base=0.99, schedule="cosine", queue_size=0)
   config.input.update(dataset="imagenet2012", batch_size=1024, image_size=224,
-                      views=2)
+                      views=2, small_views=6, small_image_size=96,
+                      small_crop_area=(0.05, 0.14))
   config.input.augment = common.simclr_augment(0.5, blur_prob=0.5,
                                                crop_area_min=0.2)
   config.input.augment.solarize_prob = 0.1

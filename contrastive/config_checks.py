@@ -45,6 +45,12 @@ def _check_loss(loss_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.loss.kwargs has option(s) {unknown} that loss "
                      f"'{loss_config.name}' does not take; it takes "
                      f"{options}.")
+  if loss_config.get("class_prior", False) and "class_prior" not in accepted:
+    takers = [name for name in losses.names() if "class_prior" in
+              inspect.signature(losses.get_with_metrics(name)).parameters]
+    raise ValueError(
+        f"config.loss.class_prior is set but loss '{loss_config.name}' takes "
+        f"no class prior; only {takers} do. Unset it.")
   if "variant" in kwargs:
     _check_choice("loss.kwargs.variant", kwargs["variant"], supcon.VARIANTS)
   if "contrast_mode" in kwargs:

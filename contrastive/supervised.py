@@ -261,9 +261,11 @@ def evaluate_classifier(config: ml_collections.ConfigDict, model,
 
 def _validate(config: ml_collections.ConfigDict) -> None:
   config_checks.validate(config)
-  if config.input.views != 1:
-    raise ValueError(f"The supervised trainer takes one view per image; set "
-                     f"--config.input.views=1 (got {config.input.views}).")
+  if config.input.views != 1 or config.input.get("small_views", 0):
+    raise ValueError(
+        f"The supervised trainer takes one view per image; set "
+        f"--config.input.views=1 and --config.input.small_views=0 (got "
+        f"{config.input.views} and {config.input.get('small_views', 0)}).")
   if not 0.0 <= config.supervised.label_smoothing < 1.0:
     raise ValueError(f"config.supervised.label_smoothing must be in [0, 1), "
                      f"got {config.supervised.label_smoothing}.")

@@ -81,9 +81,17 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   (views `moco.KEY_VIEWS`, batch-major) are enqueued.
   """
   images = batch["image"]
+  # Multi-crop's small views ([B, V_small, s, s, C]), or None.
+  small_images = batch.get("image_small")
   labels = batch["label"] if loss_config.use_labels else None
   needs = losses.extra_inputs(loss_config.name)
   extra_metrics = {}
+  if small_images is not None and (grad_cache_chunks or {
+      "explanations", "universum"} & set(needs)):
+    raise ValueError(
+        "Multi-crop small views (input.small_views > 0) are not supported "
+        "with GradCache, UniCon's universum or ExCon's explanations; set "
+        "input.small_views=0.")
   if "explanations" in needs:
     if probe_tx is None:
       raise ValueError(f"Loss {loss_config.name!r} explains the online "
@@ -175,6 +183,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                                                universum_images)
         universum = universum_outputs["embedding"]
       outputs, batch_stats = embed(params, batch_stats, images)
+      if small_images is not None:
+        # Their own pass (another resolution), then after the large views
+        # on the view axis: every output is [B, views, ...].
+        small_outputs, batch_stats = embed(params, batch_stats, small_images)
+        outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1),
+                               outputs, small_outputs)
       loss, aux = loss_of_embeddings(outputs, universum)
       return loss, (aux, batch_stats)
 
@@ -192,6 +206,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   }
   probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
   if probe_tx is not None:
+    # The probe learns from the full-size views only.
+    features = features[:, :images.shape[1]]
     num_images, num_views = features.shape[:2]
     probe_params, probe_opt_state, probe_metrics = online.probe_step(
         probe_params, probe_opt_state,
@@ -312,6 +328,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config.optim, config.input.batch_size, total_steps, warmup_steps)
   tx = optim.create(config.optim, schedule)
   loss_fn = losses.get_with_metrics(config.loss.name)
+  if config.loss.get("class_prior", False):
+    prior = input_pipeline.class_frequencies(
+        config.input.dataset, config.input.train_split, config.input.data_dir)
+    logging.info("Class prior of %s: %s", config.input.train_split,
+                 prior.round(4).tolist())
+    loss_fn = functools.partial(loss_fn,
+                                class_prior=jnp.asarray(prior, jnp.float32))
 
   probe_tx = (online.probe_optimizer(config.online_eval.probe_learning_rate,
                                      total_steps)

@@ -437,3 +437,24 @@ def test_real_fashion_mnist(tmp_path, monkeypatch):
       process_index=0, process_count=1), 1)[0]
   assert batch["mask"].all()
   assert set(batch["label"]) == set(range(10))
+
+
+def test_multi_crop_adds_small_views_and_keeps_the_large_ones(data_dir):
+  plain = _input_config(data_dir)
+  multi = _input_config(data_dir, small_views=3, small_image_size=12,
+                        small_crop_area=(0.1, 0.3))
+  first = _take(input_pipeline.pretrain_dataset(plain, seed=5), 1)[0]
+  both = _take(input_pipeline.pretrain_dataset(multi, seed=5), 1)[0]
+  assert both["image_small"].shape == (8, 3, 12, 12, 1)
+  assert both["image_small"].dtype == np.float32
+  assert 0.0 <= both["image_small"].min() <= both["image_small"].max() <= 1.0
+  # The small views' seeds are split after the large ones': adding them
+  # changes nothing else in the batch.
+  np.testing.assert_array_equal(both["image"], first["image"])
+  np.testing.assert_array_equal(both["label"], first["label"])
+  assert "image_small" not in first
+  # Each small view is its own crop.
+  assert not np.allclose(both["image_small"][:, 0], both["image_small"][:, 1])
+  with pytest.raises(ValueError, match="small_views must be >= 0"):
+    input_pipeline.pretrain_dataset(
+        _input_config(data_dir, small_views=-1), seed=5)

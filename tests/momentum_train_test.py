@@ -6,14 +6,17 @@ import jax
 import numpy as np
 import pytest
 
+import fake_fashion_mnist
 from configs import smoke_fashion_mnist
+from contrastive import config_checks
 from contrastive import losses
 from contrastive import models
-from contrastive import momentum
 from contrastive import optim
 from contrastive import sharding
 from contrastive import state as state_lib
 from contrastive import train
+from contrastive.data import fashion_mnist
+from contrastive.data import input_pipeline
 
 IMAGE_SHAPE = (12, 12, 1)
 BATCH = 16
@@ -112,6 +115,7 @@ def test_step_moves_the_key_encoder_by_the_ema_and_enqueues_its_keys():
   assert int(new_queue.pointer) == 2 * BATCH
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_and_the_queue_wraps_around():
   config = _config()
   batches = _batches(3, seed=1)  # 3 x 32 keys into 80 rows: wraps once.
@@ -142,9 +146,9 @@ def test_a_queue_shorter_than_a_step_of_keys_is_refused():
 
 
 @pytest.mark.parametrize("method", [
-    "paco", "gpaco",
+    "paco",
     *[pytest.param(m, marks=pytest.mark.slow)
-      for m in ("mochi", "sce", "relic", "renyicl")]])
+      for m in ("gpaco", "mochi", "sce", "relic", "renyicl")]])
 def test_every_momentum_method_steps_on_eight_devices(method):
   config = _config(method)
   config.momentum.queue_size = 0 if method == "renyicl" else 64
@@ -161,3 +165,48 @@ def test_every_momentum_method_steps_on_eight_devices(method):
     queue = state.momentum["queue"]
     assert int(queue.pointer) == (2 * 2 * BATCH) % 64
     assert (queue.labels >= 0).all()  # Both steps' labels, all rows.
+
+
+def test_class_prior_is_the_training_split_class_frequencies(tmp_path,
+                                                             monkeypatch):
+  (tmp_path / "src").mkdir()
+  source = fake_fashion_mnist.write(tmp_path / "src", 30, 5)
+  monkeypatch.setenv(fashion_mnist.ENV_VAR, str(tmp_path / "src"))
+  prior = input_pipeline.class_frequencies(
+      "fashion_mnist_idx", "train", str(tmp_path / "tfds"))
+  labels = source["train"][1]
+  np.testing.assert_allclose(prior, np.bincount(labels, minlength=10) / 30)
+  # Only losses with a class prior take the option.
+  config = _config("paco")
+  config.loss.class_prior = True
+  config_checks.validate(config)
+  config = _config("moco")
+  config.loss.class_prior = True
+  with pytest.raises(ValueError, match=r"takes no class prior; only "
+                     r"\['gpaco', 'paco'\]"):
+    config_checks.validate(config)
+
+
+@pytest.mark.slow
+def test_multi_crop_small_views_join_the_loss_but_not_the_key_encoder():
+  config = _config("renyicl")
+  config.momentum.queue_size = 0
+  rng = np.random.default_rng(3)
+  batches = _batches(2, seed=3)
+  with_small = [dict(b, image_small=rng.uniform(
+      size=(BATCH, 2, 8, 8, 1)).astype(np.float32)) for b in batches]
+  state1, metrics1 = _run(config, sharding.make_mesh(devices=jax.devices()[:1]),
+                          with_small)
+  state8, metrics8 = _run(config, sharding.make_mesh(), with_small)
+  _, plain = _run(config, sharding.make_mesh(), batches)
+  for m1, m8, m0 in zip(metrics1, metrics8, plain):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    assert np.isfinite(m8["loss"]) and m8["loss"] != m0["loss"]
+  for a, b in zip(jax.tree.leaves(state1.momentum),
+                  jax.tree.leaves(state8.momentum)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+  # Refused where a second pass of other images cannot join.
+  config = _config("unicon")
+  _, state, step = _setup(config, sharding.make_mesh(devices=jax.devices()[:1]))
+  with pytest.raises(ValueError, match="small_views=0"):
+    step(state, with_small[0])

@@ -130,13 +130,17 @@ def test_moco_with_views_finished_on_device_resumes_exactly(fake_data,
                                                             monkeypatch):
   # The key encoder and the queue are checkpointed with the state, and with
   # input.augment.on_device the step does jitter and blur from the
-  # pipeline's per-view keys: a resumed run replays the same losses.
+  # pipeline's per-view keys (small views' too): a resumed run replays the
+  # same losses.
   monkeypatch.setenv(fashion_mnist.ENV_VAR, fake_data)
   config = _tiny_config(str(tmp_path / "tfds"), "moco")
   # Constant momentum: the cosine one depends on total_steps, which the
   # first, shorter run below sets to 2.
   config.momentum.update(queue_size=48, schedule="constant")
   config.input.augment.update(on_device=True, blur_prob=0.5)
+  # Two multi-crop small views, also finished on the device.
+  config.input.update(small_views=2, small_image_size=14,
+                      small_crop_area=(0.1, 0.3))
   config.linear_eval.enabled = False
   config.online_eval.every_steps = 0
   straight = str(tmp_path / "straight")

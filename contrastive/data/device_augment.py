@@ -35,8 +35,11 @@ import ml_collections
 
 from contrastive.data import augment
 
-# The batch entry holding each view's key data, uint32 [B, V, 2].
+# The batch entry holding each view's key data, uint32 [B, V, 2]; and those
+# of multi-crop's small views (`input.small_views`) and their keys.
 VIEW_KEY = "view_key"
+SMALL_IMAGE = "image_small"
+SMALL_VIEW_KEY = "view_key_small"
 _KEY_IMPL = "threefry2x32"
 _LUMA = (0.2989, 0.5870, 0.1140)
 
@@ -269,8 +272,10 @@ def with_device_augment(step: Callable[..., Any],
           f"{VIEW_KEY!r}: batches must come from "
           "input_pipeline.pretrain_dataset with the same augment config.")
     batch = dict(batch)
-    view_keys = batch.pop(VIEW_KEY)
-    batch["image"] = augment_views(batch["image"], view_keys, **options)
+    for images, keys in (("image", VIEW_KEY), (SMALL_IMAGE, SMALL_VIEW_KEY)):
+      if keys in batch:
+        batch[images] = augment_views(batch[images], batch.pop(keys),
+                                      **options)
     return step(state, batch)
 
   return augmented_step

@@ -25,6 +25,7 @@ import math
 
 import jax
 import ml_collections
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -195,6 +196,27 @@ def num_examples(dataset: str, split: str, data_dir: str | None) -> int:
   return _check_split(dataset_info(dataset, data_dir), split)
 
 
+def class_frequencies(dataset: str, split: str,
+                      data_dir: str | None) -> np.ndarray:
+  """The fraction of `split`'s examples in each class, float64 [classes].
+
+  One pass over the split's records without decoding images (labels only):
+  the class prior of long-tailed training sets (PaCo's log prior).
+  """
+  builder = _prepared_builder(dataset, data_dir)
+  _check_split(builder.info, split)
+  num_classes = builder.info.features["label"].num_classes
+  records = builder.as_dataset(
+      split=split, decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False))
+  labels = records.map(lambda example: example["label"],
+                       num_parallel_calls=tf.data.AUTOTUNE)
+  counts = np.zeros(num_classes, np.int64)
+  for chunk in labels.batch(65_536).as_numpy_iterator():
+    counts += np.bincount(chunk, minlength=num_classes)
+  return counts / counts.sum()
+
+
 def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
   """`augment.simclr_views` options; only crop and flip if `on_device`."""
   if device_augment.enabled(augment_config):
@@ -320,17 +342,25 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
                                  local_batch_size=local_batch_size,
                                  start_step=start_step, seed=seed)
 
+  small_views = input_config.get("small_views", 0)
+  if small_views < 0:
+    raise ValueError(f"input.small_views must be >= 0, got {small_views}.")
   return augmented_batches(
       dataset, seed=stream_seed, local_batch_size=local_batch_size,
       num_views=num_views, image_size=input_config.image_size,
       encoded=encoded, channels=image_shape[-1],
-      augment_config=input_config.augment)
+      augment_config=input_config.augment, small_views=small_views,
+      small_image_size=input_config.get("small_image_size", 96),
+      small_crop_area=tuple(input_config.get("small_crop_area",
+                                             (0.05, 0.14))))
 
 
 def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
                       local_batch_size: int, num_views: int, image_size: int,
                       encoded: bool, channels: int,
-                      augment_config: ml_collections.ConfigDict
+                      augment_config: ml_collections.ConfigDict,
+                      small_views: int = 0, small_image_size: int = 96,
+                      small_crop_area: tuple[float, float] = (0.05, 0.14)
                       ) -> tf.data.Dataset:
   """Views and batches of (position, (image, {key: label})) examples.
 
@@ -350,12 +380,18 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
       views, only in the union of their crop windows.
     channels: image channels C.
     augment_config: `config.input.augment` (see `configs/common.py`).
+    small_views: multi-crop's extra views per example (0: none), keyed by
+      seeds split after the `num_views` ones.
+    small_image_size: their side.
+    small_crop_area: their crops' range of the image's area.
 
   Returns:
     Batches {"image": float32 [b, views, S, S, C] in [0, 1], key: int32 [b]
     for each label key}. With `augment_config.on_device`, the views are
     only cropped and flipped, and "view_key": uint32 [b, views, 2] keys the
     rest, done by the train step (`contrastive/data/device_augment.py`).
+    With `small_views`, also "image_small": float32 [b, small_views,
+    small_image_size, small_image_size, C] (and "view_key_small").
   """
   view_kwargs = _view_kwargs(augment_config)
   on_device = device_augment.enabled(augment_config)
@@ -363,8 +399,9 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
   def make_views(position, example):
     image, labels = example
     example_seed = tf.random.experimental.stateless_fold_in(seed, position)
-    view_seeds = tf.random.experimental.stateless_split(example_seed,
-                                                        num=num_views)
+    all_seeds = tf.random.experimental.stateless_split(
+        example_seed, num=num_views + small_views)
+    view_seeds = all_seeds[:num_views]
     views = augment.simclr_views(image, view_seeds, size=image_size,
                                  encoded=encoded, channels=channels,
                                  **view_kwargs)
@@ -373,6 +410,14 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
                 for key, value in labels.items()}}
     if on_device:
       batch[device_augment.VIEW_KEY] = augment.deferred_op_keys(view_seeds)
+    if small_views:
+      small_seeds = all_seeds[num_views:]
+      batch[device_augment.SMALL_IMAGE] = augment.simclr_views(
+          image, small_seeds, size=small_image_size, encoded=encoded,
+          channels=channels, **{**view_kwargs, "area_range": small_crop_area})
+      if on_device:
+        batch[device_augment.SMALL_VIEW_KEY] = augment.deferred_op_keys(
+            small_seeds)
     return batch
 
   dataset = examples.map(make_views, num_parallel_calls=tf.data.AUTOTUNE)

@@ -365,7 +365,7 @@ def augmented_input_config(input_config: ml_collections.ConfigDict,
   """`config.input` for one crop + flip view per image of `split`."""
   fields = input_config.to_dict()
   fields.update(dataset=dataset, train_split=split, batch_size=batch_size,
-                views=1, augment=dict(CROP_FLIP))
+                views=1, small_views=0, augment=dict(CROP_FLIP))
   return ml_collections.ConfigDict(fields)
 
 
