@@ -47,6 +47,11 @@ def simclr_augment(strength: float = 1.0, blur_prob: float = 0.5,
       grayscale_prob=0.2,
       blur_prob=blur_prob,
       solarize_prob=0.0,
+      # Per-view changes of the post-crop options (color_jitter_prob,
+      # color_strength, grayscale_prob, blur_prob, solarize_prob) for the
+      # first views, e.g. BYOL's ({"blur_prob": 1.0}, {"blur_prob": 0.1,
+      # "solarize_prob": 0.2}); () for the same recipe on every view.
+      per_view=(),
       # Colour jitter, grayscale, blur and solarize in the jitted train step
       # instead of tf.data (contrastive/data/device_augment.py): for hosts
       # that cannot keep up with the accelerators.

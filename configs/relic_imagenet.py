@@ -27,9 +27,8 @@ Deviations (none of this is yet in the input pipeline or model):
     pseudo-code's small x large pairs.
   - No saliency masking of the large crops' background.
   - No predictor; the projector ends in BN (BYOL's does not).
-  - One augmentation recipe for both views: BYOL's two (blur 1.0 / 0.1,
-    solarize 0 / 0.2, jitter 0.4/0.4/0.2/0.1 p 0.8) averaged into blur
-    0.5, solarize 0.1, jitter strength 0.5.
+  - BYOL's two view recipes' blur 1.0 / 0.1 and solarize 0 / 0.2
+    (`input.augment.per_view`), jitter strength 0.5 on both.
 Arg: number of epochs (default 1000).
 """
 
@@ -50,7 +49,12 @@ def get_config(arg=None):
                       small_crop_area=(0.05, 0.14))
   config.input.augment = common.simclr_augment(0.5, blur_prob=0.5,
                                                crop_area_min=0.08)
-  config.input.augment.solarize_prob = 0.1
+  config.input.augment.solarize_prob = 0.0
+  # Asymmetric views (view 0 always blurred, view 1 rarely and solarized
+  # at 0.2); multi-crop small views take the shared blur 0.5, solarize 0.
+  config.input.augment.per_view = (
+      {"blur_prob": 1.0, "solarize_prob": 0.0},
+      {"blur_prob": 0.1, "solarize_prob": 0.2})
   config.optim.update(name="lars", lr=0.2, lr_scaling="linear",
                       weight_decay=1.5e-6, warmup_epochs=10)
   config.total_epochs = float(args.epochs)

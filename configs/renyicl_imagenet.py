@@ -26,9 +26,8 @@ Deviations:
     not checked here.
   - No predictor (MoCo v3's 2-layer 4096-256 predictor on the online
     branch): the model has none yet.
-  - One augmentation recipe for both views: the official source / target
-    views (blur 1.0 / 0.1, solarize 0 / 0.2, jitter 0.4/0.4/0.2/0.1 p 0.8)
-    averaged into blur 0.5, solarize 0.1, jitter strength 0.5; no
+  - The official source / target views' blur 1.0 / 0.1 and solarize
+    0 / 0.2 (`input.augment.per_view`), jitter strength 0.5 on both; no
     RandAugment(2, 10) and no random erasing on the source view.
 Arg: number of epochs (default 300; the README's 100-epoch commands too).
 """
@@ -50,7 +49,12 @@ def get_config(arg=None):
                       small_crop_area=(0.05, 0.14))
   config.input.augment = common.simclr_augment(0.5, blur_prob=0.5,
                                                crop_area_min=0.2)
-  config.input.augment.solarize_prob = 0.1
+  config.input.augment.solarize_prob = 0.0
+  # Asymmetric views (view 0 always blurred, view 1 rarely and solarized
+  # at 0.2); multi-crop small views take the shared blur 0.5, solarize 0.
+  config.input.augment.per_view = (
+      {"blur_prob": 1.0, "solarize_prob": 0.0},
+      {"blur_prob": 0.1, "solarize_prob": 0.2})
   config.optim.update(name="lars", lr=0.8, lr_scaling="linear",
                       weight_decay=1e-6, warmup_epochs=5)
   config.total_epochs = float(args.epochs)

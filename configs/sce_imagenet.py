@@ -25,9 +25,9 @@ Deviations:
   - The contrast set holds the other images' keys of the global batch as
     well as the queue (the paper's description); the eztorch config keeps
     `use_keys=False` (own key + queue only).
-  - One augmentation recipe for both views: MoCo v3's two (blur 1.0 / 0.1,
-    solarize 0 / 0.2, jitter 0.4/0.4/0.2/0.1 p 0.8, crops 0.08-1) averaged
-    into blur 0.5, solarize 0.1, jitter strength 0.5 (saturation 0.4).
+  - MoCo v3's two view recipes (blur 1.0 / 0.1, solarize 0 / 0.2,
+    `input.augment.per_view`) with jitter strength 0.5 on both (saturation
+    0.4 rather than 0.2 and hue 0.1: SimCLR's jitter ties the four).
   - Weight decay skips BN parameters and biases (eztorch decays them:
     `exclude_wd_norm/bias: False`).
 Note: both keys of every image are enqueued, so the 65536 keys are those
@@ -52,7 +52,12 @@ def get_config(arg=None):
   config.input.update(dataset="imagenet2012", batch_size=4096, image_size=224)
   config.input.augment = common.simclr_augment(0.5, blur_prob=0.5,
                                                crop_area_min=0.08)
-  config.input.augment.solarize_prob = 0.1
+  config.input.augment.solarize_prob = 0.0
+  # Asymmetric views (view 0 always blurred, view 1 rarely and solarized
+  # at 0.2).
+  config.input.augment.per_view = (
+      {"blur_prob": 1.0, "solarize_prob": 0.0},
+      {"blur_prob": 0.1, "solarize_prob": 0.2})
   config.optim.update(name="lars", lr=0.6 if args.epochs == 100 else 0.3,
                       lr_scaling="linear",
                       weight_decay=1.5e-6 if args.epochs == 1000 else 1e-6,

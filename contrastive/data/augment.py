@@ -557,17 +557,26 @@ def simclr_view(image: tf.Tensor, seed: Seed, *, size: int,
       blur_prob=blur_prob, solarize_prob=solarize_prob)
 
 
+# The options of the ops after the crop, which views may set differently
+# (`simclr_views`' `view_overrides`, `input.augment.per_view`).
+POST_CROP_OPTIONS = ("color_jitter_prob", "color_strength", "grayscale_prob",
+                     "blur_prob", "solarize_prob")
+
+
 def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
                  area_range: tuple[float, float] = (0.08, 1.0),
                  aspect_range: tuple[float, float] = (3 / 4, 4 / 3),
                  flip: bool = True, color_jitter_prob: float = 0.8,
                  color_strength: float = 1.0, grayscale_prob: float = 0.2,
                  blur_prob: float = 0.5, solarize_prob: float = 0.0,
-                 encoded: bool = False, channels: int = 3) -> tf.Tensor:
+                 encoded: bool = False, channels: int = 3,
+                 view_overrides: tuple[dict, ...] = ()) -> tf.Tensor:
   """`simclr_view` for each of V seeds, sharing one decode of a JPEG.
 
   Takes the same arguments as `simclr_view`, but `seeds` [V, 2] with V
-  static. View v is `simclr_view(image, seeds[v], ...)`: the same parameters
+  static; `view_overrides[v]` (for the first len(view_overrides) views)
+  replaces some `POST_CROP_OPTIONS` for view v, e.g. BYOL's asymmetric
+  views ({"blur_prob": 1.0}, {"blur_prob": 0.1, "solarize_prob": 0.2}). View v is `simclr_view(image, seeds[v], ...)`: the same parameters
   (window, flip, jitter, grayscale, blur, solarize), and for a decoded
   image the same pixels; for a JPEG, the union of the V windows is decoded
   once (`decode_and_random_resized_crops`), which differs from the
@@ -590,13 +599,15 @@ def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
                                  area_range=area_range,
                                  aspect_range=aspect_range)
              for crop_seed in crop_seeds]
-  return tf.stack([
-      _finish_view(view, split[1:], flip=flip,
-                   color_jitter_prob=color_jitter_prob,
+  post_crop = dict(color_jitter_prob=color_jitter_prob,
                    color_strength=color_strength,
                    grayscale_prob=grayscale_prob, blur_prob=blur_prob,
                    solarize_prob=solarize_prob)
-      for view, split in zip(views, view_seeds)])
+  return tf.stack([
+      _finish_view(view, split[1:], flip=flip,
+                   **{**post_crop, **(view_overrides[v]
+                                      if v < len(view_overrides) else {})})
+      for v, (view, split) in enumerate(zip(views, view_seeds))])
 
 
 def deferred_op_keys(seeds: tf.Tensor) -> tf.Tensor:

@@ -248,6 +248,25 @@ def augment_views(images: jax.Array, view_keys: jax.Array, *,
   return jax.vmap(one_view)(flat, keys).reshape(images.shape)
 
 
+def view_overrides(augment_config: ml_collections.ConfigDict
+                   ) -> tuple[dict[str, Any], ...]:
+  """`augment.per_view` as dicts, checked: one per view it changes.
+
+  Each entry replaces some of `augment.POST_CROP_OPTIONS` for that view
+  (the first views, in order; the rest use the shared options), on the
+  host or here alike.
+  """
+  overrides = tuple(dict(entry) for entry in
+                    augment_config.get("per_view", ()) or ())
+  for index, entry in enumerate(overrides):
+    unknown = sorted(set(entry) - set(augment.POST_CROP_OPTIONS))
+    if unknown:
+      raise ValueError(
+          f"input.augment.per_view[{index}] sets {unknown}; a view can only "
+          f"change {list(augment.POST_CROP_OPTIONS)}.")
+  return overrides
+
+
 def enabled(augment_config: ml_collections.ConfigDict) -> bool:
   """Whether `augment_config` moves the post-crop ops to the accelerator."""
   return bool(augment_config.get("on_device", False))
@@ -264,6 +283,17 @@ def with_device_augment(step: Callable[..., Any],
   if not enabled(augment_config):
     return step
   options = _op_options(augment_config)
+  overrides = view_overrides(augment_config)
+
+  def large_views(images, keys):
+    if not overrides:
+      return augment_views(images, keys, **options)
+    # Views with their own options: one pass each (static probabilities).
+    return jnp.concatenate([
+        augment_views(images[:, v:v + 1], keys[:, v:v + 1],
+                      **{**options, **(overrides[v] if v < len(overrides)
+                                       else {})})
+        for v in range(images.shape[1])], axis=1)
 
   def augmented_step(state, batch):
     if VIEW_KEY not in batch:
@@ -272,10 +302,10 @@ def with_device_augment(step: Callable[..., Any],
           f"{VIEW_KEY!r}: batches must come from "
           "input_pipeline.pretrain_dataset with the same augment config.")
     batch = dict(batch)
-    for images, keys in (("image", VIEW_KEY), (SMALL_IMAGE, SMALL_VIEW_KEY)):
-      if keys in batch:
-        batch[images] = augment_views(batch[images], batch.pop(keys),
-                                      **options)
+    batch["image"] = large_views(batch["image"], batch.pop(VIEW_KEY))
+    if SMALL_VIEW_KEY in batch:
+      batch[SMALL_IMAGE] = augment_views(
+          batch[SMALL_IMAGE], batch.pop(SMALL_VIEW_KEY), **options)
     return step(state, batch)
 
   return augmented_step

@@ -226,7 +226,9 @@ def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
     post_crop = dict(color_jitter_prob=augment_config.color_jitter_prob,
                      grayscale_prob=augment_config.grayscale_prob,
                      blur_prob=augment_config.blur_prob,
-                     solarize_prob=augment_config.solarize_prob)
+                     solarize_prob=augment_config.solarize_prob,
+                     view_overrides=device_augment.view_overrides(
+                         augment_config))
   return dict(**post_crop,
       area_range=(augment_config.crop_area_min, augment_config.crop_area_max),
       aspect_range=(augment_config.crop_aspect_min,
@@ -395,6 +397,10 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
   """
   view_kwargs = _view_kwargs(augment_config)
   on_device = device_augment.enabled(augment_config)
+  if len(device_augment.view_overrides(augment_config)) > num_views:
+    raise ValueError(
+        f"input.augment.per_view has {len(augment_config.per_view)} entries "
+        f"for {num_views} views; give at most one per view.")
 
   def make_views(position, example):
     image, labels = example
@@ -414,7 +420,8 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
       small_seeds = all_seeds[num_views:]
       batch[device_augment.SMALL_IMAGE] = augment.simclr_views(
           image, small_seeds, size=small_image_size, encoded=encoded,
-          channels=channels, **{**view_kwargs, "area_range": small_crop_area})
+          channels=channels, **{**view_kwargs, "area_range": small_crop_area,
+                                "view_overrides": ()})
       if on_device:
         batch[device_augment.SMALL_VIEW_KEY] = augment.deferred_op_keys(
             small_seeds)
