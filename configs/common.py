@@ -86,7 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
       bregman=dict(subnetworks=0, hidden_dim=256),
       # A linear classifier on the features whose logits the loss uses as
       # class centres (PaCo, GPaCo): the number of classes, or 0 for none.
-      linear_classes=0)
+      linear_classes=0,
+      # MoCo v3 / BYOL predictor on the online branch: an MLP (BN + ReLU
+      # hidden layers, no BN on the output) from the projection to out_dim
+      # (0: none); momentum losses then take the key encoder's projection.
+      predictor=dict(hidden_dims=(), out_dim=0))
 
   # Momentum-encoder and queue losses (moco, mochi, sce, relic, renyicl,
   # paco, gpaco; contrastive/momentum.py): the key encoder's EMA momentum

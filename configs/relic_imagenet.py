@@ -26,7 +26,8 @@ Deviations (none of this is yet in the input pipeline or model):
     and sizes unverified); small-crop queries meet both large keys, as the
     pseudo-code's small x large pairs.
   - No saliency masking of the large crops' background.
-  - No predictor; the projector ends in BN (BYOL's does not).
+  - BYOL's 4096-256 predictor on the online branch (`model.predictor`);
+    the projector ends in BN (BYOL's does not).
   - BYOL's two view recipes' blur 1.0 / 0.1 and solarize 0 / 0.2
     (`input.augment.per_view`), jitter strength 0.5 on both.
 Arg: number of epochs (default 1000).
@@ -40,6 +41,9 @@ def get_config(arg=None):
   config = common.base_config()
   config.model.update(depth=50, width=1.0)
   config.model.head.update(hidden_dims=(4096,), out_dim=256, use_bn=True)
+  # The online branch's predictor (4096-256, BN + ReLU hidden); the keys
+  # are the key encoder's projections.
+  config.model.predictor.update(hidden_dims=(4096,), out_dim=256)
   config.loss.update(name="relic", temperature=0.2, use_labels=False)
   config.loss.kwargs = dict(alpha=1.0)
   # No queue: the negatives are the global batch's other images.

@@ -24,8 +24,8 @@ Deviations:
     (`input.small_views`; each small-crop query meets both large keys):
     the small crops' area range 0.05-0.14 is SwAV's, RényiCL's own value
     not checked here.
-  - No predictor (MoCo v3's 2-layer 4096-256 predictor on the online
-    branch): the model has none yet.
+  - Predictor: MoCo v3's 2-layer 4096-256 MLP on the online branch
+    (`model.predictor`), as the official code.
   - The official source / target views' blur 1.0 / 0.1 and solarize
     0 / 0.2 (`input.augment.per_view`), jitter strength 0.5 on both; no
     RandAugment(2, 10) and no random erasing on the source view.
@@ -41,6 +41,9 @@ def get_config(arg=None):
   config.model.update(depth=50, width=1.0)
   config.model.head.update(hidden_dims=(4096, 4096), out_dim=256,
                            use_bn=True)
+  # The online branch's predictor (4096-256, BN + ReLU hidden); the keys
+  # are the key encoder's projections.
+  config.model.predictor.update(hidden_dims=(4096,), out_dim=256)
   config.loss.update(name="renyicl", temperature=0.5, use_labels=False)
   config.loss.kwargs = dict(gamma=2.0, alpha=1.0 / 65536)
   config.momentum.update(base=0.99, schedule="cosine", queue_size=0)

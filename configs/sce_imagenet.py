@@ -20,8 +20,8 @@ crops): 72.1 (100 epochs), 72.7 (200, the default), 73.3 (300), 74.1
 Linear evaluation: the SimCLR protocol (`linear_eval.protocol="simclr"`);
 eztorch's own linear-eval recipe was not checked.
 Deviations:
-  - No predictor (eztorch: 2-layer MLP predictor on the online branch, MoCo
-    v3 style): the model has none yet.
+  - Predictor: MoCo v3's 2-layer 4096-256 MLP on the online branch
+    (`model.predictor`), as eztorch's; its exact sizes there not checked.
   - The contrast set holds the other images' keys of the global batch as
     well as the queue (the paper's description); the eztorch config keeps
     `use_keys=False` (own key + queue only).
@@ -45,6 +45,9 @@ def get_config(arg=None):
   # eztorch projector_resnet50_mlp3_bn3: 2048-4096-4096-256, BN everywhere.
   config.model.head.update(hidden_dims=(4096, 4096), out_dim=256,
                            use_bn=True)
+  # The online branch's predictor (4096-256, BN + ReLU hidden); the keys
+  # are the key encoder's projections.
+  config.model.predictor.update(hidden_dims=(4096,), out_dim=256)
   config.loss.update(name="sce", temperature=0.1, use_labels=False)
   config.loss.kwargs = dict(coefficient=0.5, temperature_m=0.07,
                             symmetric=True)

@@ -130,7 +130,9 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   if "keys" in needs:
     key_outputs, key_batch_stats = embed(state.momentum["params"],
                                          state.momentum["batch_stats"], images)
-    keys = jax.lax.stop_gradient(key_outputs["embedding"])
+    # With a predictor, the key encoder's projection (MoCo v3, BYOL).
+    keys = jax.lax.stop_gradient(key_outputs.get("target_embedding",
+                                                 key_outputs["embedding"]))
     momentum_inputs["keys"] = keys
   if "queue" in needs:
     momentum_inputs["queue"] = state.momentum["queue"].keys

@@ -210,3 +210,28 @@ def test_multi_crop_small_views_join_the_loss_but_not_the_key_encoder():
   _, state, step = _setup(config, sharding.make_mesh(devices=jax.devices()[:1]))
   with pytest.raises(ValueError, match="small_views=0"):
     step(state, with_small[0])
+
+
+def test_with_a_predictor_the_keys_are_the_key_encoders_projections():
+  config = _config()
+  config.model.predictor = dict(hidden_dims=(24,), out_dim=16)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  model, initial, step = _setup(config, mesh)
+  initial = jax.device_get(initial)
+  batch = _batches(1, seed=4)[0]
+  with jax.set_mesh(mesh):
+    state, metrics = step(initial, sharding.make_global_batch(mesh, batch))
+  assert np.isfinite(metrics["loss"])
+  outputs, _ = model.apply(
+      {"params": initial.momentum["params"],
+       "batch_stats": initial.momentum["batch_stats"]},
+      batch["image"].reshape(BATCH * 2, *IMAGE_SHAPE), train=True,
+      mutable=["batch_stats"])
+  enqueued = jax.device_get(state.momentum["queue"].keys[:2 * BATCH])
+  np.testing.assert_allclose(enqueued, outputs["target_embedding"],
+                             rtol=1e-4, atol=1e-5)
+  assert not np.allclose(enqueued, outputs["embedding"], atol=1e-2)
+  # The predictor trains; the key encoder's copy of it only follows.
+  moved = jax.tree.map(lambda a, b: not np.allclose(a, b),
+                       initial.params["predictor"], state.params["predictor"])
+  assert any(jax.tree.leaves(moved))

@@ -31,4 +31,7 @@ def create(model_config: ml_collections.ConfigDict) -> encoder.ContrastiveModel:
       bregman_hidden_dim=model_config.get("bregman", {}).get(
           "hidden_dim", 256),
       linear_classes=model_config.get("linear_classes", 0),
+      predictor_hidden_dims=tuple(model_config.get("predictor", {}).get(
+          "hidden_dims", ())),
+      predictor_out_dim=model_config.get("predictor", {}).get("out_dim", 0),
   )

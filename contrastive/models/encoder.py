@@ -41,6 +41,9 @@ class ProjectionHead(nn.Module):
   use_bn: bool = True
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  # BN after the output layer too (SimCLR's head); False for predictors
+  # (MoCo v3, BYOL), whose output layer has a bias instead.
+  final_bn: bool = True
 
   @nn.compact
   def __call__(self, h, train: bool):
@@ -55,8 +58,9 @@ class ProjectionHead(nn.Module):
       if self.use_bn:
         x = norm()(x)
       x = nn.relu(x)
-    x = dense(self.out_dim)(x)
-    if self.use_bn:
+    last_bn = self.use_bn and self.final_bn
+    x = dense(self.out_dim, use_bias=not last_bn)(x)
+    if last_bn:
       x = norm(use_bias=False)(x)
     return x
 
@@ -103,6 +107,8 @@ class ContrastiveModel(nn.Module):
   bregman_subnetworks: int = 0
   bregman_hidden_dim: int = 256
   linear_classes: int = 0
+  predictor_hidden_dims: Sequence[int] = ()
+  predictor_out_dim: int = 0
 
   def setup(self):
     self.encoder = resnet.ResNet(
@@ -118,6 +124,13 @@ class ContrastiveModel(nn.Module):
     if self.bregman_subnetworks:
       self.bregman = BregmanSubnetworks(self.bregman_subnetworks,
                                         self.bregman_hidden_dim)
+    if self.predictor_out_dim:
+      # MoCo v3 / BYOL: the online branch predicts the key encoder's
+      # projection; the key encoder's own output is its projection.
+      self.predictor = ProjectionHead(
+          hidden_dims=tuple(self.predictor_hidden_dims),
+          out_dim=self.predictor_out_dim, use_bn=True, final_bn=False,
+          bn_momentum=self.bn_momentum, dtype=self.dtype)
     if self.linear_classes:
       # PaCo's parametric class centres: a linear classifier on the
       # features, trained by the loss with the encoder.
@@ -128,8 +141,14 @@ class ContrastiveModel(nn.Module):
     h = self.encoder(x, train=train)
     # `l2_normalize` casts the (bf16 under mixed precision) projection to
     # float32 first: what reaches any loss is float32.
-    z = l2_normalize(self.head(h, train=train))
+    projection = self.head(h, train=train)
+    z = l2_normalize(projection)
     outputs = {"features": h, "embedding": z}
+    if self.predictor_out_dim:
+      outputs["embedding"] = l2_normalize(self.predictor(projection,
+                                                         train=train))
+      # What a key encoder contributes: the projection, not the prediction.
+      outputs["target_embedding"] = z
     if self.num_prototypes:
       outputs["prototype_cosines"] = jnp.matmul(
           z, l2_normalize(self.prototypes).T,
