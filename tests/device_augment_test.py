@@ -222,33 +222,25 @@ def test_views_can_have_their_own_post_crop_options(data_dir):
   # options, on the host and on the device alike.
   per_view = ({"blur_prob": 1.0, "color_jitter_prob": 0.0},
               {"blur_prob": 0.0})
+
+  def finished_views(config):
+    """The first batch's views as the train step sees them."""
+    batch = next(iter(input_pipeline.pretrain_dataset(
+        config, seed=4).take(1).as_numpy_iterator()))
+    seen = {}
+    device_augment.with_device_augment(
+        lambda state, b: (state, seen.update(b)), config.augment)(
+            0, dict(batch))
+    return np.asarray(seen["image"])
+
   for on_device in (False, True):
     config = _input_config(data_dir, on_device)
     config.augment.per_view = per_view
-    batch = next(iter(input_pipeline.pretrain_dataset(
-        config, seed=4).take(1).as_numpy_iterator()))
-    if on_device:
-      seen = {}
-      device_augment.with_device_augment(
-          lambda state, b: (state, seen.update(b)), config.augment)(
-              0, dict(batch))
-      views = np.asarray(seen["image"])
-    else:
-      views = batch["image"]
+    views = finished_views(config)
     for v, options in enumerate(per_view):
-      single = _input_config(data_dir, on_device, **options)
-      reference = next(iter(input_pipeline.pretrain_dataset(
-          single, seed=4).take(1).as_numpy_iterator()))
-      if on_device:
-        seen = {}
-        device_augment.with_device_augment(
-            lambda state, b: (state, seen.update(b)), single.augment)(
-                0, dict(reference))
-        reference_views = np.asarray(seen["image"])
-      else:
-        reference_views = reference["image"]
-      np.testing.assert_allclose(views[:, v], reference_views[:, v],
-                                 atol=1e-6)
+      reference = finished_views(
+          _input_config(data_dir, on_device, **options))
+      np.testing.assert_allclose(views[:, v], reference[:, v], atol=1e-6)
   config = _input_config(data_dir, False)
   config.augment.per_view = ({"crop_area_min": 0.5},)
   with pytest.raises(ValueError, match=r"per_view\[0\] sets \['crop_area_min'"):

@@ -18,6 +18,8 @@ _Op = Callable[[tf.Tensor], tf.Tensor]
 
 BLUR_SIGMA_RANGE = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 0.5
+# tf.image.rgb_to_grayscale's weights of R, G, B.
+LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 EVAL_CROP_FRACTION = 0.875
 
 
@@ -333,7 +335,7 @@ def to_grayscale(image: tf.Tensor) -> tf.Tensor:
   # One [pixels, 3] x [3, 3] matmul whose three columns are the luma weights
   # of `tf.image.rgb_to_grayscale`: the same values (to rounding) at a third
   # of the cost of its tensordot followed by a tile.
-  luma = tf.constant([0.2989, 0.5870, 0.1140])
+  luma = tf.constant(LUMA_WEIGHTS)
   gray = tf.matmul(tf.reshape(image, [-1, 3]), tf.tile(luma[:, None], [1, 3]))
   shape = (image.shape if image.shape.is_fully_defined()
            else tf.shape(image))

@@ -41,7 +41,6 @@ VIEW_KEY = "view_key"
 SMALL_IMAGE = "image_small"
 SMALL_VIEW_KEY = "view_key_small"
 _KEY_IMPL = "threefry2x32"
-_LUMA = (0.2989, 0.5870, 0.1140)
 
 Params = dict[str, jax.Array]
 
@@ -161,7 +160,7 @@ def apply_color_jitter(image: jax.Array, params: Params) -> jax.Array:
 
 def to_grayscale(image: jax.Array) -> jax.Array:
   """RGB [..., 3] to luma, kept as 3 channels (tf.image's weights)."""
-  luma = image @ jnp.asarray(_LUMA, image.dtype)
+  luma = image @ jnp.asarray(augment.LUMA_WEIGHTS, image.dtype)
   return jnp.repeat(luma[..., None], 3, axis=-1)
 
 
