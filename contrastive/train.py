@@ -142,6 +142,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
     momentum_inputs["rng"] = jax.random.fold_in(
         jax.random.fold_in(jax.random.key(seed), _LOSS_RNG_STREAM),
         state.step)
+  if "step" in needs:
+    momentum_inputs["step"] = state.step
 
   def loss_of_embeddings(outputs, universum=None):
     extra = {} if universum is None else {"universum": universum}

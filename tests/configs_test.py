@@ -7,6 +7,7 @@ import os
 import ml_collections
 import pytest
 
+from contrastive import config_checks
 from contrastive import losses
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -18,7 +19,9 @@ ARGS = {"simclr_imagenet": [None, "r50x2", "r50x4,epochs=1000"],
         "smoke_fashion_mnist": ["simclr", "supcon", "dcl", "dclw",
                                 "eps_supinfonce", "eps_supcon", "esupcon",
                                 "unicon", "fnc", "fn_removal", "bregman",
-                                "excon"],
+                                "excon", "moco", "mochi", "sce", "relic",
+                                "renyicl", "paco", "gpaco"],
+        "mochi_imagenet": [None, "start_epoch=15"],
         "fnc_imagenet": [None, "fn_mode=eliminate,support=2"],
         "dcl_imagenet": [None, "dclw"],
         "ce_imagenet": [None, "depth=200,epochs=1"],
@@ -57,6 +60,13 @@ def test_variants_change_the_setting():
   assert (r50.input.batch_size, r50.optim.weight_decay) == (6144, 1e-3)
   with pytest.raises(ValueError, match="variant"):
     simclr_imagenet.get_config("r18")
+  from configs import mochi_imagenet  # pylint: disable=g-import-not-at-top
+  mochi = mochi_imagenet.get_config("start_epoch=15")
+  config_checks.validate(mochi)
+  assert mochi.loss.kwargs.mix_from_step == 15 * (1_281_167 // 256)
+  assert mochi_imagenet.get_config().loss.kwargs.mix_from_step == 0
+  with pytest.raises(ValueError, match="start_epoch"):
+    mochi_imagenet.get_config("start_epoch=200")
   with pytest.raises(ValueError, match="Unknown config argument"):
     simclr_imagenet.get_config("epoch=3")
 

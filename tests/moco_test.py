@@ -356,6 +356,20 @@ def test_mochi_without_synthetic_negatives_is_moco():
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_mochi_mixes_from_its_start_step_on(devices):
+  z, keys, queue, rng, _, _, _, expected, _ = _mochi_case()
+  moco_loss = _moco_reference(z, keys, queue, 0.2)[0]
+  for step, reference, mixing in ((4, moco_loss, 0.0), (5, expected[0], 1.0),
+                                  (6, expected[0], 1.0)):
+    value, metrics, _ = _run(
+        "mochi", z, devices, batch_inputs={"keys": keys}, queue=queue,
+        temperature=0.2, rng=rng, mix_from_step=5,
+        step=np.asarray(step, np.int32), **MOCHI)
+    np.testing.assert_allclose(value, reference, rtol=2e-5)
+    assert metrics["mochi_mixing"] == mixing
+
+
 @pytest.mark.parametrize("symmetric,devices", [(False, 1), (True, 8)])
 def test_sce_matches_reference(symmetric, devices):
   z, keys, queue = _inputs(10, views=3 if symmetric else 2)
@@ -452,6 +466,9 @@ def test_mochi_errors():
   with pytest.raises(ValueError, match="num_hard"):
     _loss("mochi", z, temperature=0.2, keys=keys, queue=queue,
           rng=jax.random.key(0), num_hard=7)
+  with pytest.raises(ValueError, match="needs step"):
+    _loss("mochi", z, temperature=0.2, keys=keys, queue=queue,
+          rng=jax.random.key(0), num_hard=2, mix_from_step=3)
   with pytest.raises(ValueError, match="needs rng"):
     _loss("mochi", z, temperature=0.2, keys=keys, queue=queue, rng=None,
           num_hard=2)

@@ -155,8 +155,12 @@ def test_every_momentum_method_steps_on_eight_devices(method):
   if method in ("paco", "gpaco"):
     config.model.linear_classes = 4
   if method == "mochi":
-    config.loss.kwargs = dict(num_hard=16, num_mix=8, num_query_mix=4)
+    # The trainer's step input starts the mixing at the second step.
+    config.loss.kwargs = dict(num_hard=16, num_mix=8, num_query_mix=4,
+                              mix_from_step=1)
   state, metrics = _run(config, sharding.make_mesh(), _batches(2, seed=2))
+  if method == "mochi":
+    assert [m["mochi_mixing"] for m in metrics] == [0.0, 1.0]
   assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
   assert metrics[0]["loss"] != metrics[1]["loss"]
   # GPaCo has no key encoder: its queue takes the online embeddings.

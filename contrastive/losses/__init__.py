@@ -96,12 +96,13 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
 # step the trainer runs first: ExCon's saliency-masked views. The
 # momentum-encoder losses take "keys" (the momentum encoder's
 # [batch, views, dim] embeddings) and "queue" ([K, dim] past keys, from
-# `contrastive/momentum.py`); MoCHi also "rng" (a PRNG key per step); PaCo
+# `contrastive/momentum.py`); MoCHi also "rng" (a PRNG key per step) and
+# "step" (the training step, for its delayed start of the mixing); PaCo
 # and GPaCo "queue_labels" ([K] classes of the queue, -1 unknown) and
 # "class_logits" (the classifier's [batch, views, num_classes] logits).
 EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum",
                 "bregman_phi", "explanations", "keys", "queue", "rng",
-                "queue_labels", "class_logits")
+                "step", "queue_labels", "class_logits")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
@@ -109,7 +110,7 @@ _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "bregman": ("bregman_phi",),
     "excon": ("explanations",),
     "moco": ("keys", "queue"),
-    "mochi": ("keys", "queue", "rng"),
+    "mochi": ("keys", "queue", "rng", "step"),
     "sce": ("keys", "queue"),
     "relic": ("keys", "queue"),
     "renyicl": ("keys", "queue"),

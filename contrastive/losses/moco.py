@@ -458,6 +458,7 @@ def mochi_with_metrics(
     z: jax.Array, labels: None = None, *, temperature, keys: jax.Array,
     queue: jax.Array, rng: jax.Array, num_hard: int = 1024,
     num_mix: int = 512, num_query_mix: int = 256,
+    mix_from_step: int = 0, step: jax.Array | None = None,
     queue_valid: jax.Array | None = None, loss_impl: str = "gather",
     block_size: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -468,10 +469,12 @@ def mochi_with_metrics(
   extra negative columns:
     L = -log exp(q.k/t) / (exp(q.k/t) + sum_{n in batch keys, queue}
         exp(q.n/t) + sum_{h in H u H'} exp(q.h/t)).
-  Defaults MoCHi(1024, 512, 256), the paper's ImageNet-1k setting; the
-  paper's later mixing start is the trainer's to do (num_mix = num_query_mix
-  = 0 before it, which is MoCo). The metrics count the synthetic columns as
-  negatives.
+  Defaults MoCHi(1024, 512, 256), the paper's ImageNet-1k setting. The
+  paper's later start of the mixing is `mix_from_step`: before that step
+  the synthetic columns are masked out of the denominator, which is MoCo
+  (they are still drawn, so the compiled step is one program). The metrics
+  count the synthetic columns that take part as negatives, and
+  `mochi_mixing` is 1 once they do.
 
   Args:
     z: float[batch, views >= 2, dim] online embeddings.
@@ -485,12 +488,15 @@ def mochi_with_metrics(
     num_hard: N, the hardest queue entries mixed.
     num_mix: s, mixes of two hard negatives.
     num_query_mix: s', mixes of the query with a hard negative.
+    mix_from_step: the first training step that mixes (0: from the start).
+    step: int scalar, the current training step (the trainer's "step"
+      input); needed when mix_from_step > 0.
     queue_valid: bool[K] or None.
     loss_impl: must be "gather".
     block_size: unused.
 
   Returns:
-    (loss, metrics) as in `moco_with_metrics`.
+    (loss, metrics) as in `moco_with_metrics`, plus `mochi_mixing`.
   """
   del block_size
   check_inputs("mochi", z, labels, keys, queue, temperature, loss_impl,
@@ -505,6 +511,13 @@ def mochi_with_metrics(
     raise ValueError(
         f"mochi: num_hard (N = {num_hard}) must be between 1 and the queue "
         f"size K = {queue.shape[0]}; shorten N or lengthen the queue.")
+  if mix_from_step < 0:
+    raise ValueError(f"mochi: mix_from_step ({mix_from_step}) must be >= 0.")
+  if mixing and mix_from_step > 0 and step is None:
+    raise ValueError("mochi: mix_from_step > 0 needs step (the current "
+                     "training step) to know when mixing starts.")
+  mixing_active = jnp.asarray(mixing and (
+      mix_from_step == 0 or step >= mix_from_step))
 
   def kernel(z, keys, axis_name):
     built = pair_logits(z, keys, queue, queue_valid, temperature, pairs,
@@ -526,17 +539,21 @@ def mochi_with_metrics(
       positive = jnp.concatenate(
           [positive, jnp.zeros(extra_logits.shape, bool)], axis=-1)
       negative = jnp.concatenate(
-          [negative, synthetic.valid.reshape(extra_logits.shape)], axis=-1)
+          [negative,
+           synthetic.valid.reshape(extra_logits.shape) & mixing_active],
+          axis=-1)
     per_anchor = _cross_entropy(built, logits, positive, negative)
     return reduce_over_anchors(per_anchor, logits, positive, negative,
                                axis_name)
 
-  return _over_global_batch(kernel, z, keys)
+  loss, metrics = _over_global_batch(kernel, z, keys)
+  return loss, {**metrics, "mochi_mixing": mixing_active.astype(jnp.float32)}
 
 
 def mochi(z, labels=None, *, temperature, keys, queue, rng, num_hard=1024,
-          num_mix=512, num_query_mix=256, queue_valid=None,
-          loss_impl="gather", block_size=None) -> jax.Array:
+          num_mix=512, num_query_mix=256, mix_from_step=0, step=None,
+          queue_valid=None, loss_impl="gather",
+          block_size=None) -> jax.Array:
   """MoCHi; see `mochi_with_metrics` (same arguments).
 
   Args:
@@ -549,6 +566,8 @@ def mochi(z, labels=None, *, temperature, keys, queue, rng, num_hard=1024,
     num_hard: N.
     num_mix: s.
     num_query_mix: s'.
+    mix_from_step: the first step that mixes.
+    step: int scalar, the current step.
     queue_valid: bool[K] or None.
     loss_impl: must be "gather".
     block_size: unused.
@@ -559,7 +578,7 @@ def mochi(z, labels=None, *, temperature, keys, queue, rng, num_hard=1024,
   return mochi_with_metrics(
       z, labels, temperature=temperature, keys=keys, queue=queue, rng=rng,
       num_hard=num_hard, num_mix=num_mix, num_query_mix=num_query_mix,
-      queue_valid=queue_valid, loss_impl=loss_impl, block_size=block_size)[0]
+      mix_from_step=mix_from_step, step=step, queue_valid=queue_valid, loss_impl=loss_impl, block_size=block_size)[0]
 
 
 # ------------------------------------------------------------------ SCE --
