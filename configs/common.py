@@ -52,6 +52,12 @@ def simclr_augment(strength: float = 1.0, blur_prob: float = 0.5,
       # first views, e.g. BYOL's ({"blur_prob": 1.0}, {"blur_prob": 0.1,
       # "solarize_prob": 0.2}); () for the same recipe on every view.
       per_view=(),
+      # ReLICv2's saliency masking: each large view, with this probability,
+      # has its background set to saliency_fill (after the crop, before the
+      # colour ops). Needs a dataset with a "saliency" feature: uint8
+      # [H, W, 1] masks, 255 = salient (contrastive/data/input_pipeline.py).
+      saliency_prob=0.0,
+      saliency_fill=0.0,
       # Colour jitter, grayscale, blur and solarize in the jitted train step
       # instead of tf.data (contrastive/data/device_augment.py): for hosts
       # that cannot keep up with the accelerators.

@@ -21,6 +21,9 @@ SOLARIZE_THRESHOLD = 0.5
 # tf.image.rgb_to_grayscale's weights of R, G, B.
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 EVAL_CROP_FRACTION = 0.875
+# Folded into a view's seed for its saliency-masking coin, so that turning
+# masking on leaves every other draw of the view unchanged.
+_SALIENCY_STREAM = 0x5A11
 
 
 def to_float(image: tf.Tensor) -> tf.Tensor:
@@ -195,6 +198,48 @@ def decode_and_random_resized_crops(
     crop.set_shape([None, None, channels])
     views.append(_resize_crop(crop, size))
   return views
+
+
+def saliency_crops(saliency: tf.Tensor, image_shape: tf.Tensor,
+                   seeds: list[Seed], *, size: int,
+                   area_range: tuple[float, float],
+                   aspect_range: tuple[float, float]) -> list[tf.Tensor]:
+  """The crops of a saliency mask that go with the image's crops.
+
+  The windows are those `random_resized_crop` and
+  `decode_and_random_resized_crops` sample from the same seeds: they depend
+  on the image's shape alone.
+
+  Args:
+    saliency: uint8 [H, W, 1] mask of the image (255: salient).
+    image_shape: [H, W, C] of the image (of the JPEG header if encoded).
+    seeds: the views' crop seeds.
+    size: output side S.
+    area_range: range of a crop's fraction of the image area.
+    aspect_range: range of a crop's width / height.
+
+  Returns:
+    One float32 [S, S, 1] mask in [0, 1] per seed.
+  """
+  with tf.control_dependencies([tf.debugging.assert_equal(
+      tf.shape(saliency)[:2], tf.cast(image_shape[:2], tf.int32),
+      message="The saliency mask's height and width differ from its "
+      "image's.")]):
+    saliency = tf.identity(saliency)
+  crops = []
+  for seed in seeds:
+    offset_y, offset_x, height, width = _sample_crop(
+        image_shape, seed, area_range, aspect_range)
+    crop = tf.slice(saliency, [offset_y, offset_x, 0], [height, width, -1])
+    crop.set_shape([None, None, 1])
+    crops.append(_resize(to_float(crop), size))
+  return crops
+
+
+def remove_background(image: tf.Tensor, saliency: tf.Tensor,
+                      fill: float) -> tf.Tensor:
+  """Pixels whose mask is below 1/2 become `fill` (ReLICv2's masking)."""
+  return tf.where(saliency >= 0.5, image, tf.cast(fill, image.dtype))
 
 
 def random_flip(image: tf.Tensor, seed: Seed) -> tf.Tensor:
@@ -572,7 +617,10 @@ def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
                  color_strength: float = 1.0, grayscale_prob: float = 0.2,
                  blur_prob: float = 0.5, solarize_prob: float = 0.0,
                  encoded: bool = False, channels: int = 3,
-                 view_overrides: tuple[dict, ...] = ()) -> tf.Tensor:
+                 view_overrides: tuple[dict, ...] = (),
+                 saliency: tf.Tensor | None = None,
+                 saliency_prob: float = 0.0,
+                 saliency_fill: float = 0.0) -> tf.Tensor:
   """`simclr_view` for each of V seeds, sharing one decode of a JPEG.
 
   Takes the same arguments as `simclr_view`, but `seeds` [V, 2] with V
@@ -583,6 +631,13 @@ def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
   image the same pixels; for a JPEG, the union of the V windows is decoded
   once (`decode_and_random_resized_crops`), which differs from the
   per-view fused decode only near the windows' edges.
+
+  Saliency masking (ReLICv2): given the image's `saliency` mask (uint8
+  [H, W, 1], 255 salient), each view independently, with probability
+  `saliency_prob`, has its background (pixels whose cropped, resized mask
+  is below 1/2) set to `saliency_fill` right after the crop, before the
+  flip and the colour ops. The coin is keyed by the view's seed folded
+  with its own stream, so the other draws match the unmasked views'.
 
   Returns:
     float32 [V, S, S, C] in [0, 1].
@@ -601,6 +656,18 @@ def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
                                  area_range=area_range,
                                  aspect_range=aspect_range)
              for crop_seed in crop_seeds]
+  if saliency is not None and saliency_prob > 0:
+    image_shape = (tf.image.extract_jpeg_shape(image) if encoded
+                   else tf.shape(image))
+    masks = saliency_crops(saliency, image_shape, crop_seeds, size=size,
+                           area_range=area_range, aspect_range=aspect_range)
+    views = [
+        _apply_if(
+            _coin(tf.random.experimental.stateless_fold_in(
+                seeds[v], _SALIENCY_STREAM), saliency_prob),
+            functools.partial(remove_background, saliency=mask,
+                              fill=saliency_fill), view)
+        for v, (view, mask) in enumerate(zip(views, masks))]
   post_crop = dict(color_jitter_prob=color_jitter_prob,
                    color_strength=color_strength,
                    grayscale_prob=grayscale_prob, blur_prob=blur_prob,

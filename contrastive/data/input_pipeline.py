@@ -44,6 +44,10 @@ _LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,
 # Integer features carried into batches (as int32) when a dataset has them:
 # the class, and the bias attribute that debiasing losses (FairKL) need.
 _LABEL_KEYS = ("label", "bias_label")
+# The feature holding an image's saliency mask (uint8 [H, W, 1], 255 =
+# salient), read only for ReLICv2's saliency masking
+# (`input.augment.saliency_prob`).
+SALIENCY_KEY = "saliency"
 
 # Decoded images up to this many bytes per process are held in memory and
 # read by index (Fashion-MNIST: 47 MB, CIFAR-10: 150 MB): any step's batch is
@@ -142,11 +146,12 @@ def _label_keys(info: tfds.core.DatasetInfo) -> tuple[str, ...]:
 
 
 def _read(builder: tfds.core.DatasetBuilder, split, *, shuffle_files: bool,
-          seed: int | None = None) -> tf.data.Dataset:
+          seed: int | None = None,
+          with_saliency: bool = False) -> tf.data.Dataset:
   """Reads (image, {label key: label}) pairs; JPEG images stay encoded.
 
   The dict holds the dataset's `_LABEL_KEYS`: "label", plus "bias_label" for
-  datasets that have it.
+  datasets that have it; and with `with_saliency` the `SALIENCY_KEY` mask.
   """
   decoders = ({"image": tfds.decode.SkipDecoding()}
               if _is_jpeg(builder.info) else None)
@@ -155,7 +160,8 @@ def _read(builder: tfds.core.DatasetBuilder, split, *, shuffle_files: bool,
   dataset = builder.as_dataset(split=split, shuffle_files=shuffle_files,
                                decoders=decoders, read_config=read_config)
   # Other features (e.g. ImageNet's file names) would only cost memory.
-  keys = _label_keys(builder.info)
+  keys = _label_keys(builder.info) + ((SALIENCY_KEY,) if with_saliency
+                                      else ())
   return dataset.map(lambda ex: (ex["image"], {key: ex[key] for key in keys}),
                      num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -229,7 +235,13 @@ def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
                      solarize_prob=augment_config.solarize_prob,
                      view_overrides=device_augment.view_overrides(
                          augment_config))
-  return dict(**post_crop,
+  saliency = dict(saliency_prob=augment_config.get("saliency_prob", 0.0),
+                  saliency_fill=augment_config.get("saliency_fill", 0.0))
+  for name, value in saliency.items():
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f"input.augment.{name} must be in [0, 1], got "
+                       f"{value}.")
+  return dict(**post_crop, **saliency,
       area_range=(augment_config.crop_area_min, augment_config.crop_area_max),
       aspect_range=(augment_config.crop_aspect_min,
                     augment_config.crop_aspect_max),
@@ -237,10 +249,12 @@ def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
       color_strength=augment_config.color_strength)
 
 
-def _cached_shard(builder: tfds.core.DatasetBuilder,
-                  shard) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+def _cached_shard(builder: tfds.core.DatasetBuilder, shard,
+                  with_saliency: bool = False
+                  ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
   """This process's whole shard as (images, {key: labels}), in file order."""
-  dataset = _read(builder, shard, shuffle_files=False)
+  dataset = _read(builder, shard, shuffle_files=False,
+                  with_saliency=with_saliency)
   size = builder.info.splits[shard].num_examples
   return dataset.batch(size).get_single_element()
 
@@ -271,14 +285,16 @@ def _indexed_examples(images: tf.Tensor, labels: dict[str, tf.Tensor], *,
 
 def _streamed_examples(builder: tfds.core.DatasetBuilder, shard, *,
                        shuffle_buffer: int, local_batch_size: int,
-                       start_step: int, seed: int) -> tf.data.Dataset:
+                       start_step: int, seed: int,
+                       with_saliency: bool = False) -> tf.data.Dataset:
   """(position, (image, labels)) replaying one seeded stream, skipping ahead.
 
   For datasets too large to hold in memory: the same seed gives the same
   sequence of records on every run, and the records before `start_step` are
   read but not decoded or augmented.
   """
-  dataset = _read(builder, shard, shuffle_files=True, seed=seed)
+  dataset = _read(builder, shard, shuffle_files=True, seed=seed,
+                  with_saliency=with_saliency)
   dataset = dataset.shuffle(shuffle_buffer, seed=seed,
                             reshuffle_each_iteration=True)
   dataset = dataset.repeat().enumerate()
@@ -331,10 +347,18 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
 
   encoded = _is_jpeg(info)
   image_shape = info.features["image"].shape
+  with_saliency = input_config.augment.get("saliency_prob", 0.0) > 0
+  if with_saliency and SALIENCY_KEY not in info.features:
+    raise ValueError(
+        f"input.augment.saliency_prob > 0 (ReLICv2's saliency masking) needs "
+        f"a '{SALIENCY_KEY}' feature in the dataset: a uint8 [H, W, 1] mask "
+        f"per image, 255 where salient, of the image's size. "
+        f"'{input_config.dataset}' has only {sorted(info.features)}; build a "
+        "TFDS dataset that adds the masks, or set saliency_prob=0.")
   # Mixing in the process index keeps processes from sharing crops or orders.
   stream_seed = tf.constant([seed, process_index], tf.int64)
   if not encoded and _fits_in_memory(image_shape, shard_size):
-    images, labels = _cached_shard(builder, shard)
+    images, labels = _cached_shard(builder, shard, with_saliency)
     dataset = _indexed_examples(images, labels,
                                 local_batch_size=local_batch_size,
                                 start_step=start_step, seed=stream_seed)
@@ -342,7 +366,8 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
     dataset = _streamed_examples(builder, shard,
                                  shuffle_buffer=input_config.shuffle_buffer,
                                  local_batch_size=local_batch_size,
-                                 start_step=start_step, seed=seed)
+                                 start_step=start_step, seed=seed,
+                                 with_saliency=with_saliency)
 
   small_views = input_config.get("small_views", 0)
   if small_views < 0:
@@ -372,7 +397,8 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
   Args:
     examples: (position, (image, labels)): position an int64 scalar, image
       a uint8 [H, W, C] (or, with `encoded`, a JPEG string), labels a dict
-      of integer scalars.
+      of integer scalars and, for saliency masking, the `SALIENCY_KEY` mask
+      (uint8 [H, W, 1]; only the large views are masked).
     seed: [2] int64 stream seed; the views of the example at position p are
       keyed by fold_in(seed, p), split into one seed per view.
     local_batch_size: examples per batch.
@@ -404,13 +430,15 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
 
   def make_views(position, example):
     image, labels = example
+    labels = dict(labels)
+    saliency = labels.pop(SALIENCY_KEY, None)
     example_seed = tf.random.experimental.stateless_fold_in(seed, position)
     all_seeds = tf.random.experimental.stateless_split(
         example_seed, num=num_views + small_views)
     view_seeds = all_seeds[:num_views]
     views = augment.simclr_views(image, view_seeds, size=image_size,
                                  encoded=encoded, channels=channels,
-                                 **view_kwargs)
+                                 saliency=saliency, **view_kwargs)
     batch = {"image": views,
              **{key: tf.cast(value, tf.int32)
                 for key, value in labels.items()}}
