@@ -52,6 +52,12 @@ def simclr_augment(strength: float = 1.0, blur_prob: float = 0.5,
       # first views, e.g. BYOL's ({"blur_prob": 1.0}, {"blur_prob": 0.1,
       # "solarize_prob": 0.2}); () for the same recipe on every view.
       per_view=(),
+      # RandAugment after the colour ops (contrastive/data/randaugment.py):
+      # N layers (0: off) of magnitude M in [0, 10], each applied with
+      # randaugment_prob (timm's rand-n2-m10: 2, 10.0, 0.5). tf.data only.
+      randaugment_layers=0,
+      randaugment_magnitude=10.0,
+      randaugment_prob=0.5,
       # ReLICv2's saliency masking: each large view, with this probability,
       # has its background set to saliency_fill (after the crop, before the
       # colour ops). Needs a dataset with a "saliency" feature: uint8

@@ -43,9 +43,11 @@ Deviations:
     the trainer counts the training split's classes once at start (one
     pass over its records, images not decoded).
   - SimCLR-style augmentation on both views (crops 0.08-1, jitter strength
-    0.5 with p 1, grayscale 0.2, blur 0.5, the official `sim` view); the
-    official query view uses RandAugment(2, 10) (GPaCo: on both views),
-    which the input pipeline does not have yet.
+    0.5 with p 1, grayscale 0.2, blur 0.5, the official `sim` view), then
+    RandAugment(2, 10) on view 0 (PaCo's query view; GPaCo: on both views)
+    with timm's per-layer probability 0.5 (`input.augment.randaugment_*`);
+    timm's magnitude noise (`mstd0.5`) is not implemented, and the official
+    query view has no grayscale or blur, which view 0 keeps here.
   - PaCo: both views are queries (anchors) and both keys are enqueued;
     the official PaCo has one query view and enqueues one key per image.
     (GPaCo's two views are both anchors officially too.)
@@ -89,6 +91,12 @@ def get_config(arg=None):
   config.input.augment = common.simclr_augment(0.5, blur_prob=0.5,
                                                crop_area_min=0.08)
   config.input.augment.color_jitter_prob = 1.0
+  config.input.augment.update(randaugment_magnitude=10.0,
+                              randaugment_prob=0.5)
+  if args.method == "gpaco":
+    config.input.augment.randaugment_layers = 2
+  else:
+    config.input.augment.per_view = ({"randaugment_layers": 2},)
   config.optim.update(name="sgd", lr=setting["lr"], lr_scaling="linear",
                       weight_decay=setting["weight_decay"], momentum=0.9,
                       nesterov=False, warmup_epochs=10)

@@ -108,11 +108,12 @@ def test_auto_contrast_is_pil_up_to_its_truncation(image):
 def test_auto_contrast_leaves_a_constant_channel():
   pixels = _IMAGES["rgb"].copy()
   pixels[..., 1] = 200
-  out = _apply(pixels, "auto_contrast", 5, 1)
-  np.testing.assert_array_equal(out[..., 1], np.float32(200 / 255) * 255.0)
+  image = tf.constant(pixels / 255.0, tf.float32)
+  out = randaugment.apply_op(image, "auto_contrast", 5, 1).numpy()
+  np.testing.assert_array_equal(out[..., 1], image[..., 1])
   expected = _from_pil(ImageOps.autocontrast(_pil(pixels)), 3)
   np.testing.assert_array_equal(expected[..., 1], 200)
-  assert out[..., 0].min() == 0 and out[..., 0].max() == 255
+  assert out[..., 0].min() == 0 and out[..., 0].max() == 1
 
 
 @pytest.mark.parametrize("magnitude", [0, 2.4, 2.5, 5, 7.5, 9.9, 10])
@@ -126,11 +127,12 @@ def test_posterize_is_pil_exactly(image, magnitude):
                              expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("magnitude", [0, 1, 5, 7.3, 10])
+@pytest.mark.parametrize("magnitude", [0, 1, 2.5, 5, 6.25, 7.3, 10])
 @pytest.mark.parametrize("image", ["rgb", "ramp", "gray"])
 def test_solarize_is_pil_at_threshold_256_times_1_minus_m(image, magnitude):
   pixels = _IMAGES[image]
-  # Magnitude 5 puts the threshold on a level (128), which PIL inverts.
+  # Magnitudes 2.5, 5 and 6.25 put the threshold on a level (192, 128, 96),
+  # which PIL inverts; float32 rounding puts 2.5 and 6.25 above it.
   threshold = float(256 * (1 - _m(magnitude)))
   expected = _from_pil(ImageOps.solarize(_pil(pixels), threshold),
                        pixels.shape[-1])
@@ -450,3 +452,47 @@ def test_randaugment_rejects_bad_arguments(kwargs, match):
     arguments.pop("magnitude")
     with pytest.raises(ValueError, match=match):
       randaugment.layer_choices(tf.constant([1, 2]), **arguments)
+
+
+# The views of the input pipeline.
+
+
+def test_views_apply_randaugment_last_on_their_own_stream():
+  from contrastive.data import augment  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(11)
+  image = tf.constant(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+  seeds = tf.constant(rng.integers(0, 2**31, (24, 2)), tf.int64)
+  plain = augment.simclr_views(image, seeds, size=24).numpy()
+  # View 0 only, as PaCo's RandAugment query view.
+  mixed = augment.simclr_views(
+      image, seeds, size=24,
+      view_overrides=({"randaugment_layers": 2},)).numpy()
+  np.testing.assert_array_equal(mixed[1:], plain[1:])
+  everywhere = augment.simclr_views(image, seeds, size=24,
+                                    randaugment_layers=2).numpy()
+  changed = 0
+  for v in range(24):
+    flip_seed = tf.unstack(tf.random.experimental.stateless_split(
+        seeds[v], num=6))[1]
+    expected = randaugment.randaugment(
+        tf.constant(plain[v]), tf.random.experimental.stateless_fold_in(
+            flip_seed, augment._RANDAUGMENT_STREAM),  # pylint: disable=protected-access
+        num_layers=2, magnitude=10.0, prob=0.5).numpy()
+    np.testing.assert_allclose(everywhere[v], expected, atol=1e-6)
+    changed += int(np.abs(expected - plain[v]).max() > 0)
+  np.testing.assert_allclose(mixed[0], everywhere[0], atol=1e-6)
+  # Most views change (no layer applies to about a quarter of them).
+  assert changed >= 12
+
+
+def test_randaugment_is_refused_on_the_device():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from contrastive.data import device_augment  # pylint: disable=g-import-not-at-top
+  for shared, per_view in ((2, ()), (0, ({"randaugment_layers": 1},))):
+    config = common.simclr_augment()
+    config.update(on_device=True, randaugment_layers=shared,
+                  per_view=per_view)
+    with pytest.raises(ValueError, match="tf.data only"):
+      device_augment.view_overrides(config)
+    config.on_device = False
+    assert len(device_augment.view_overrides(config)) == len(per_view)

@@ -13,6 +13,8 @@ from typing import Callable
 
 import tensorflow as tf
 
+from contrastive.data import randaugment
+
 Seed = tf.Tensor
 _Op = Callable[[tf.Tensor], tf.Tensor]
 
@@ -24,6 +26,8 @@ EVAL_CROP_FRACTION = 0.875
 # Folded into a view's seed for its saliency-masking coin, so that turning
 # masking on leaves every other draw of the view unchanged.
 _SALIENCY_STREAM = 0x5A11
+# Likewise for RandAugment's draws, folded into the view's flip seed.
+_RANDAUGMENT_STREAM = 0x0A2A
 
 
 def to_float(image: tf.Tensor) -> tf.Tensor:
@@ -551,15 +555,29 @@ def apply_post_crop(view: tf.Tensor,
 def _finish_view(view: tf.Tensor, seeds: list[Seed], *, flip: bool,
                  color_jitter_prob: float, color_strength: float,
                  grayscale_prob: float, blur_prob: float,
-                 solarize_prob: float) -> tf.Tensor:
-  """The ops after the crop, each keeping [0, 1]: no final clip is needed."""
+                 solarize_prob: float, randaugment_layers: int = 0,
+                 randaugment_magnitude: float = 10.0,
+                 randaugment_prob: float = 0.5) -> tf.Tensor:
+  """The ops after the crop, each keeping [0, 1]: no final clip is needed.
+
+  RandAugment, when on, comes last, after the colour ops (as PaCo's query
+  view: jitter, then `rand-n2-m10`), keyed by its own stream so that the
+  other draws do not change.
+  """
   flip_seed, *op_seeds = seeds
   if flip:
     view = random_flip(view, flip_seed)
-  return apply_post_crop(view, post_crop_params(
+  view = apply_post_crop(view, post_crop_params(
       op_seeds, channels=view.shape[-1], color_jitter_prob=color_jitter_prob,
       color_strength=color_strength, grayscale_prob=grayscale_prob,
       blur_prob=blur_prob, solarize_prob=solarize_prob))
+  if randaugment_layers:
+    view = randaugment.randaugment(
+        view, tf.random.experimental.stateless_fold_in(flip_seed,
+                                                       _RANDAUGMENT_STREAM),
+        num_layers=randaugment_layers, magnitude=randaugment_magnitude,
+        prob=randaugment_prob)
+  return view
 
 
 def simclr_view(image: tf.Tensor, seed: Seed, *, size: int,
@@ -568,8 +586,15 @@ def simclr_view(image: tf.Tensor, seed: Seed, *, size: int,
                 flip: bool = True, color_jitter_prob: float = 0.8,
                 color_strength: float = 1.0, grayscale_prob: float = 0.2,
                 blur_prob: float = 0.5, solarize_prob: float = 0.0,
+                randaugment_layers: int = 0,
+                randaugment_magnitude: float = 10.0,
+                randaugment_prob: float = 0.5,
                 encoded: bool = False, channels: int = 3) -> tf.Tensor:
   """One SimCLR view: crop, flip, colour jitter, grayscale, blur, solarize.
+
+  Then, with `randaugment_layers` > 0, RandAugment(N = randaugment_layers,
+  M = randaugment_magnitude), each layer applied with `randaugment_prob`
+  (`contrastive/data/randaugment.py`).
 
   Args:
     image: [H, W, C] uint8/float image, or with `encoded` a JPEG string.
@@ -601,13 +626,20 @@ def simclr_view(image: tf.Tensor, seed: Seed, *, size: int,
   return _finish_view(
       view, op_seeds, flip=flip, color_jitter_prob=color_jitter_prob,
       color_strength=color_strength, grayscale_prob=grayscale_prob,
-      blur_prob=blur_prob, solarize_prob=solarize_prob)
+      blur_prob=blur_prob, solarize_prob=solarize_prob,
+      randaugment_layers=randaugment_layers,
+      randaugment_magnitude=randaugment_magnitude,
+      randaugment_prob=randaugment_prob)
 
 
 # The options of the ops after the crop, which views may set differently
 # (`simclr_views`' `view_overrides`, `input.augment.per_view`).
 POST_CROP_OPTIONS = ("color_jitter_prob", "color_strength", "grayscale_prob",
-                     "blur_prob", "solarize_prob")
+                     "blur_prob", "solarize_prob", "randaugment_layers",
+                     "randaugment_magnitude", "randaugment_prob")
+# RandAugment (`contrastive/data/randaugment.py`) runs in tf.data only.
+RANDAUGMENT_OPTIONS = ("randaugment_layers", "randaugment_magnitude",
+                       "randaugment_prob")
 
 
 def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
@@ -616,6 +648,9 @@ def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
                  flip: bool = True, color_jitter_prob: float = 0.8,
                  color_strength: float = 1.0, grayscale_prob: float = 0.2,
                  blur_prob: float = 0.5, solarize_prob: float = 0.0,
+                 randaugment_layers: int = 0,
+                 randaugment_magnitude: float = 10.0,
+                 randaugment_prob: float = 0.5,
                  encoded: bool = False, channels: int = 3,
                  view_overrides: tuple[dict, ...] = (),
                  saliency: tf.Tensor | None = None,
@@ -626,7 +661,9 @@ def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
   Takes the same arguments as `simclr_view`, but `seeds` [V, 2] with V
   static; `view_overrides[v]` (for the first len(view_overrides) views)
   replaces some `POST_CROP_OPTIONS` for view v, e.g. BYOL's asymmetric
-  views ({"blur_prob": 1.0}, {"blur_prob": 0.1, "solarize_prob": 0.2}). View v is `simclr_view(image, seeds[v], ...)`: the same parameters
+  views ({"blur_prob": 1.0}, {"blur_prob": 0.1, "solarize_prob": 0.2}) or
+  PaCo's RandAugment query view ({"randaugment_layers": 2}). View v is
+  `simclr_view(image, seeds[v], ...)`: the same parameters
   (window, flip, jitter, grayscale, blur, solarize), and for a decoded
   image the same pixels; for a JPEG, the union of the V windows is decoded
   once (`decode_and_random_resized_crops`), which differs from the
@@ -671,7 +708,10 @@ def simclr_views(image: tf.Tensor, seeds: tf.Tensor, *, size: int,
   post_crop = dict(color_jitter_prob=color_jitter_prob,
                    color_strength=color_strength,
                    grayscale_prob=grayscale_prob, blur_prob=blur_prob,
-                   solarize_prob=solarize_prob)
+                   solarize_prob=solarize_prob,
+                   randaugment_layers=randaugment_layers,
+                   randaugment_magnitude=randaugment_magnitude,
+                   randaugment_prob=randaugment_prob)
   return tf.stack([
       _finish_view(view, split[1:], flip=flip,
                    **{**post_crop, **(view_overrides[v]

@@ -263,6 +263,13 @@ def view_overrides(augment_config: ml_collections.ConfigDict
       raise ValueError(
           f"input.augment.per_view[{index}] sets {unknown}; a view can only "
           f"change {list(augment.POST_CROP_OPTIONS)}.")
+  if enabled(augment_config) and (
+      augment_config.get("randaugment_layers", 0)
+      or any(entry.get("randaugment_layers", 0) for entry in overrides)):
+    raise ValueError(
+        "RandAugment (input.augment.randaugment_layers) runs in tf.data "
+        "only, after the colour ops that on_device moves to the "
+        "accelerator; set input.augment.on_device=False to use it.")
   return overrides
 
 

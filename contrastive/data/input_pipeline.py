@@ -35,11 +35,13 @@ from contrastive.data import device_augment
 # builders with TFDS.
 from contrastive.data import biased_fashion_mnist
 from contrastive.data import fashion_mnist
+from contrastive.data import long_tail
 
 # Builders whose source files are local: preparing them is cheap and needs no
 # network, so it happens on first use instead of being a manual step.
 _LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,
-                   biased_fashion_mnist.BiasedFashionMnist)
+                   biased_fashion_mnist.BiasedFashionMnist,
+                   long_tail.FashionMnistLt)
 
 # Integer features carried into batches (as int32) when a dataset has them:
 # the class, and the bias attribute that debiasing losses (FairKL) need.
@@ -225,6 +227,7 @@ def class_frequencies(dataset: str, split: str,
 
 def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
   """`augment.simclr_views` options; only crop and flip if `on_device`."""
+  overrides = device_augment.view_overrides(augment_config)  # Checks them.
   if device_augment.enabled(augment_config):
     post_crop = dict(color_jitter_prob=0.0, grayscale_prob=0.0,
                      blur_prob=0.0, solarize_prob=0.0)
@@ -233,8 +236,10 @@ def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:
                      grayscale_prob=augment_config.grayscale_prob,
                      blur_prob=augment_config.blur_prob,
                      solarize_prob=augment_config.solarize_prob,
-                     view_overrides=device_augment.view_overrides(
-                         augment_config))
+                     view_overrides=overrides,
+                     **{key: augment_config[key]
+                        for key in augment.RANDAUGMENT_OPTIONS
+                        if key in augment_config})
   saliency = dict(saliency_prob=augment_config.get("saliency_prob", 0.0),
                   saliency_fill=augment_config.get("saliency_fill", 0.0))
   for name, value in saliency.items():

@@ -264,10 +264,9 @@ def apply_op(image: tf.Tensor, name: str, magnitude, sign) -> tf.Tensor:
   if name == "solarize":
     return _solarize(image, m)
   if name == "posterize":
-    # floor(4 m) as floor(4 magnitude / 10): exact where 4 m is an integer
-    # (4 magnitude is exact, and so is the quotient then), where floor(0.4
-    # magnitude) could land just below it.
-    return _posterize(image, tf.floor(magnitude * 4.0 / MAX_MAGNITUDE))
+    # 4 m is a whole number only at magnitudes 0, 2.5, 5, 7.5, 10, where m
+    # is exact in float32, so the floor cannot fall a bit short.
+    return _posterize(image, tf.floor(4.0 * m))
   if name == "color":
     if channels == 1:
       return image
