@@ -108,9 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
   # paco, gpaco; contrastive/momentum.py): the key encoder's EMA momentum
   # rises from `base` to 1 along a cosine ("cosine", BYOL / MoCo v3) or
   # stays at `base` ("constant", MoCo v2: 0.999); the queue holds
-  # `queue_size` past keys (0: negatives from the batch only). Unused by
+  # `queue_size` past keys (0: negatives from the batch only); ResCom's
+  # class-balanced queue holds `class_queue_size` keys per class. Unused by
   # other losses.
-  config.momentum = dict(base=0.99, schedule="cosine", queue_size=0)
+  config.momentum = dict(base=0.99, schedule="cosine", queue_size=0,
+                         class_queue_size=8)
 
   # `use_labels` passes the class labels to the loss (SupCon); `kwargs` are
   # the loss's own options, e.g. variant / contrast_mode / base_temperature.
@@ -183,6 +185,11 @@ def base_config() -> ml_collections.ConfigDict:
       l2_grid=(),
       validation_fraction=0.1,
       raw_pixel_baseline=False,
+      # (many, few) for long-tailed training sets: also report the top-1 of
+      # the many-shot (> many training images), medium-shot and few-shot
+      # (< few) classes (contrastive/evaluation/long_tail.py); ImageNet-LT
+      # and CIFAR-LT use (100, 20). () turns it off.
+      long_tail_thresholds=(),
       # Weighted kNN on the same frozen features (InstDisc / solo-learn
       # protocol): one result per k; () turns it off.
       knn_k=(20, 200),

@@ -57,6 +57,11 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   paco with the key encoder, gpaco without it and with label
                   smoothing 0.1; the classifier is scored directly
                   (classifier_eval.json)
+  rescom          ResCom (Zhong et al. 2022) on Fashion-MNIST-LT, imbalance
+                  100: Balanced Softmax classifier + class-balanced SupCon
+                  with 1 hard positive and 40 hard negatives from a queue of
+                  10 keys per class, tau 0.2; many/medium/few-shot top-1
+                  (> 1000 / 200..1000 / < 200 training images)
 Every variant shares the encoder, optimizer and budget, so that the result
 table (`make table`) compares losses only; the label-free ones (simclr, dcl,
 dclw, fnc, fn_removal, bregman) jitter brightness and contrast at full
@@ -68,7 +73,8 @@ from configs import common
 
 METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
            "esupcon", "unicon", "fnc", "fn_removal", "bregman", "excon",
-           "moco", "mochi", "sce", "relic", "renyicl", "paco", "gpaco")
+           "moco", "mochi", "sce", "relic", "renyicl", "paco", "gpaco",
+           "rescom")
 
 def get_config(arg=None):
   args = common.parse_arg(arg, method="supcon")
@@ -148,6 +154,19 @@ def get_config(arg=None):
     config.loss.kwargs = dict(alpha=0.05, beta=1.0, gamma=1.0)
     config.model.linear_classes = 10
     config.momentum.update(base=0.99, schedule="cosine", queue_size=4096)
+  elif args.method == "rescom":
+    # Long-tailed: Fashion-MNIST-LT, imbalance 100 (6000 .. 60 images per
+    # class, 14,886 in all), the balanced 10k test images.
+    config.input.dataset = "fashion_mnist_lt/if100"
+    config.loss.update(name="rescom", temperature=0.2, use_labels=True)
+    # The official CIFAR-100-LT options, hard negatives scaled to the 90
+    # other-class keys of a 10-class queue of 10 keys per class.
+    config.loss.kwargs = dict(con_weight=0.5, num_hard_positives=1,
+                              num_hard_negatives=40,
+                              effective_num_beta=0.999999)
+    config.model.linear_classes = 10
+    config.momentum.class_queue_size = 10
+    config.linear_eval.long_tail_thresholds = (1000, 200)
   elif args.method == "excon":
     config.loss.update(name="excon", temperature=0.2, use_labels=True)
     config.loss.kwargs = dict(saliency_threshold=0.5, gradcam_stage=1)

@@ -36,7 +36,9 @@ def _check_loss(loss_config: ml_collections.ConfigDict) -> None:
   kwargs = dict(loss_config.kwargs)
   accepted = inspect.signature(
       losses.get_with_metrics(loss_config.name)).parameters
-  supplied = set(losses.extra_inputs(loss_config.name))
+  # The trainer's inputs, and the training class counts it passes to the
+  # class-balanced losses.
+  supplied = set(losses.extra_inputs(loss_config.name)) | {"class_counts"}
   unknown = sorted(set(kwargs) - set(accepted) | (set(kwargs) & supplied))
   if unknown:
     options = sorted(k for k, p in accepted.items()

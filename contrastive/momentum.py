@@ -176,3 +176,76 @@ def enqueue(queue: Queue, new_keys: jax.Array,
                                           unique_indices=True)
   pointer = ((queue.pointer + n) % size).astype(jnp.int32)
   return queue.replace(keys=keys, labels=labels, pointer=pointer)
+
+
+@flax.struct.dataclass
+class ClassQueue:
+  """Q keys per class, each class its own FIFO (ResCom's balanced queue).
+
+  Attributes:
+    keys: float32[C, Q, dim] L2-normalised keys; row c holds class c's.
+    pointers: int32[C] the slot each class's next key writes.
+  """
+  keys: jax.Array
+  pointers: jax.Array
+
+
+def init_class_queue(num_classes: int, per_class: int, dim: int,
+                     key: jax.Array) -> ClassQueue:
+  """A class queue of random unit vectors (as ResCom starts its own)."""
+  if num_classes < 1 or per_class < 1 or dim <= 0:
+    raise ValueError(
+        f"A class queue needs num_classes >= 1, per_class >= 1 and dim > 0, "
+        f"got {num_classes}, {per_class}, {dim}.")
+  keys = jax.random.normal(key, (num_classes, per_class, dim), jnp.float32)
+  keys = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True),
+                            1e-12)
+  return ClassQueue(keys=keys,
+                    pointers=jnp.zeros((num_classes,), jnp.int32))
+
+
+def enqueue_by_class(queue: ClassQueue, new_keys: jax.Array,
+                     new_labels: jax.Array) -> ClassQueue:
+  """Writes each key into its class's FIFO, in row order.
+
+  The result is that of pushing the rows one at a time: row t of class c
+  goes to slot `(pointer_c + r) % Q`, r the number of earlier rows of class
+  c, and the pointer moves by the class's count. When a class has more than
+  Q rows, only its last Q survive, as they would one at a time; written in
+  one scatter, the surviving slots are distinct. Rows whose label is not a
+  class (e.g. -1) are skipped.
+
+  Args:
+    queue: the current queue.
+    new_keys: float[n, dim] keys (stop-gradient is applied).
+    new_labels: int[n] their classes.
+
+  Returns:
+    The updated queue.
+  """
+  num_classes, per_class, dim = queue.keys.shape
+  if new_keys.ndim != 2 or new_keys.shape[1] != dim:
+    raise ValueError(f"new_keys must be float[n, {dim}] to match the class "
+                     f"queue, got shape {new_keys.shape}.")
+  if new_labels.shape != new_keys.shape[:1]:
+    raise ValueError(f"new_labels must have shape ({new_keys.shape[0]},), "
+                     f"got {new_labels.shape}.")
+  labels = new_labels.astype(jnp.int32)
+  one_hot = (labels[:, None] == jnp.arange(num_classes)[None, :]).astype(
+      jnp.int32)
+  is_class = one_hot.sum(axis=1) > 0
+  safe_labels = jnp.where(is_class, labels, 0)
+  # Each row's rank among its class's rows, and each class's count.
+  rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0) - 1,
+                             safe_labels[:, None], axis=1)[:, 0]
+  counts = one_hot.sum(axis=0)
+  survives = is_class & (rank >= counts[safe_labels] - per_class)
+  slots = (queue.pointers[safe_labels] + rank) % per_class
+  # Rows that do not survive go past the end and are dropped.
+  positions = jnp.where(survives, safe_labels * per_class + slots,
+                        num_classes * per_class)
+  keys = queue.keys.reshape(num_classes * per_class, dim).at[positions].set(
+      jax.lax.stop_gradient(new_keys).astype(jnp.float32), mode="drop")
+  pointers = ((queue.pointers + counts) % per_class).astype(jnp.int32)
+  return queue.replace(keys=keys.reshape(num_classes, per_class, dim),
+                       pointers=pointers)

@@ -23,14 +23,17 @@ class TrainState:
   probe_params: Any = flax.struct.field(default_factory=dict)
   probe_opt_state: Any = flax.struct.field(default_factory=dict)
   # Momentum-encoder losses ({} otherwise): "params" and "batch_stats" of
-  # the key encoder (an EMA of the online one), and "queue", a
-  # `momentum.Queue` of past keys. Checkpointed and restored with the rest.
+  # the key encoder (an EMA of the online one), "queue", a `momentum.Queue`
+  # of past keys, and for ResCom "class_queue", a `momentum.ClassQueue`.
+  # Checkpointed and restored with the rest.
   momentum: Any = flax.struct.field(default_factory=dict)
 
 
 def _init_momentum(model, variables, images, rng, momentum_encoder: bool,
-                   queue_size: int | None) -> dict[str, Any]:
-  """The key encoder (a copy of the online one) and the queue, as asked."""
+                   queue_size: int | None,
+                   class_queue: tuple[int, int] | None = None
+                   ) -> dict[str, Any]:
+  """The key encoder (a copy of the online one) and the queues, as asked."""
   state = {}
   if momentum_encoder:
     state["params"] = jax.tree.map(jnp.copy, variables["params"])
@@ -41,12 +44,18 @@ def _init_momentum(model, variables, images, rng, momentum_encoder: bool,
     # Its own stream: the queue's random start must not repeat the init's.
     state["queue"] = momentum_lib.init_queue(
         queue_size, dim, jax.random.fold_in(rng, 1))
+  if class_queue is not None:
+    dim = model.apply(variables, images, train=False)["embedding"].shape[-1]
+    num_classes, per_class = class_queue
+    state["class_queue"] = momentum_lib.init_class_queue(
+        num_classes, per_class, dim, jax.random.fold_in(rng, 2))
   return state
 
 
 def _init_fn(model, tx: optax.GradientTransformation,
              image_shape: tuple[int, ...], probe_tx, num_classes,
-             momentum_encoder: bool = False, queue_size: int | None = None):
+             momentum_encoder: bool = False, queue_size: int | None = None,
+             class_queue: tuple[int, int] | None = None):
   def init(rng):
     images = jnp.zeros((2, *image_shape), jnp.float32)
     variables = model.init(rng, images, train=False)
@@ -61,7 +70,8 @@ def _init_fn(model, tx: optax.GradientTransformation,
                       opt_state=tx.init(params), probe_params=probe_params,
                       probe_opt_state=probe_opt_state,
                       momentum=_init_momentum(model, variables, images, rng,
-                                              momentum_encoder, queue_size))
+                                              momentum_encoder, queue_size,
+                                              class_queue))
   return init
 
 
@@ -69,17 +79,20 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        image_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
                        probe_tx: optax.GradientTransformation | None = None,
                        num_classes: int = 0, momentum_encoder: bool = False,
-                       queue_size: int | None = None) -> TrainState:
+                       queue_size: int | None = None,
+                       class_queue: tuple[int, int] | None = None
+                       ) -> TrainState:
   """Initialises the state directly into its (replicated) sharding.
 
   `image_shape` is `(H, W, C)`. The init is jitted with output shardings so
   nothing is materialised off its final devices. With `probe_tx`, the state
   carries an online linear probe over `num_classes`; with
   `momentum_encoder`, a key encoder starting as a copy of the online one;
-  with `queue_size` (an int, 0 allowed), a queue of that many random keys.
+  with `queue_size` (an int, 0 allowed), a queue of that many random keys;
+  with `class_queue` (num_classes, per_class), ResCom's class queue.
   """
   init = _init_fn(model, tx, image_shape, probe_tx, num_classes,
-                  momentum_encoder, queue_size)
+                  momentum_encoder, queue_size, class_queue)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh),
                            jax.eval_shape(init, rng))
   return jax.jit(init, out_shardings=shardings)(rng)
@@ -89,11 +102,13 @@ def abstract_train_state(model, tx: optax.GradientTransformation,
                          image_shape: tuple[int, ...], mesh: jax.sharding.Mesh,
                          probe_tx: optax.GradientTransformation | None = None,
                          num_classes: int = 0, momentum_encoder: bool = False,
-                         queue_size: int | None = None) -> TrainState:
+                         queue_size: int | None = None,
+                         class_queue: tuple[int, int] | None = None
+                         ) -> TrainState:
   """`ShapeDtypeStruct`s with shardings: the restore target for checkpoints."""
   abstract = jax.eval_shape(
       _init_fn(model, tx, image_shape, probe_tx, num_classes,
-               momentum_encoder, queue_size),
+               momentum_encoder, queue_size, class_queue),
       jax.random.key(0))
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -10,6 +10,7 @@ through `shard_map` (see `contrastive/sharding.py`).
 """
 
 import functools
+import inspect
 from typing import Any
 
 import json
@@ -138,6 +139,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
     momentum_inputs["queue"] = state.momentum["queue"].keys
   if "queue_labels" in needs:
     momentum_inputs["queue_labels"] = state.momentum["queue"].labels
+  if "class_queue" in needs:
+    momentum_inputs["class_queue"] = state.momentum["class_queue"].keys
   if "rng" in needs:
     momentum_inputs["rng"] = jax.random.fold_in(
         jax.random.fold_in(jax.random.key(seed), _LOSS_RNG_STREAM),
@@ -237,6 +240,10 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                   else jnp.repeat(batch["label"], key_views))
     new_momentum["queue"] = momentum_lib.enqueue(
         state.momentum["queue"], new_keys, new_labels)
+  if "class_queue" in new_momentum:
+    # ResCom feeds its class queues with the online embeddings of view 0.
+    new_momentum["class_queue"] = momentum_lib.enqueue_by_class(
+        state.momentum["class_queue"], embeddings[:, 0], batch["label"])
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state,
                             probe_params=probe_params,
@@ -245,10 +252,19 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   return new_state, metrics
 
 
-def _momentum_state_spec(config: ml_collections.ConfigDict
-                         ) -> dict[str, Any]:
-  """`momentum_encoder` and `queue_size` of the state the loss needs."""
+def _momentum_state_spec(config: ml_collections.ConfigDict,
+                         num_classes: int = 0) -> dict[str, Any]:
+  """`momentum_encoder`, `queue_size` and `class_queue` the loss needs."""
   needs = losses.extra_inputs(config.loss.name)
+  class_queue = None
+  if "class_queue" in needs:
+    per_class = config.momentum.get("class_queue_size", 0)
+    if per_class < 1 or num_classes < 1:
+      raise ValueError(
+          f"Loss {config.loss.name!r} keeps a queue of keys per class: set "
+          f"config.momentum.class_queue_size >= 1 (got {per_class}) on a "
+          f"labelled dataset (classes: {num_classes}).")
+    class_queue = (num_classes, per_class)
   queue_size = None
   if "queue" in needs:
     queue_size = config.momentum.queue_size
@@ -259,7 +275,8 @@ def _momentum_state_spec(config: ml_collections.ConfigDict
           f"config.momentum.queue_size={queue_size} is shorter than the "
           f"{per_step} keys enqueued per step (global batch x {key_views} "
           "key views); make it at least that, or 0 for no queue.")
-  return dict(momentum_encoder="keys" in needs, queue_size=queue_size)
+  return dict(momentum_encoder="keys" in needs, queue_size=queue_size,
+              class_queue=class_queue)
 
 
 def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
@@ -277,7 +294,7 @@ def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
     state = state_lib.create_train_state(
         model, tx, jax.random.key(config.seed), image_shape, mesh,
         probe_tx=probe_tx, num_classes=num_classes,
-        **_momentum_state_spec(config))
+        **_momentum_state_spec(config, num_classes))
   return state
 
 
@@ -339,6 +356,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  prior.round(4).tolist())
     loss_fn = functools.partial(loss_fn,
                                 class_prior=jnp.asarray(prior, jnp.float32))
+  if "class_counts" in inspect.signature(loss_fn).parameters:
+    # Class-balanced losses (ResCom) weigh classes by their training counts.
+    counts = input_pipeline.class_counts(
+        config.input.dataset, config.input.train_split, config.input.data_dir)
+    logging.info("Class counts of %s: %s", config.input.train_split,
+                 counts.tolist())
+    loss_fn = functools.partial(loss_fn,
+                                class_counts=jnp.asarray(counts, jnp.float32))
 
   probe_tx = (online.probe_optimizer(config.online_eval.probe_learning_rate,
                                      total_steps)
@@ -354,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
   abstract_state = state_lib.abstract_train_state(
       model, tx, image_shape, mesh, probe_tx=probe_tx,
-      num_classes=num_classes, **_momentum_state_spec(config))
+      num_classes=num_classes, **_momentum_state_spec(config, num_classes))
   state = _restore_or_create(config, workdir, manager, model, tx, image_shape,
                              mesh, abstract_state, probe_tx, num_classes)
 

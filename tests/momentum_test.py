@@ -144,3 +144,56 @@ def test_sharded_enqueue_equals_one_device():
     reference.enqueue(k, y)
   np.testing.assert_array_equal(one.keys, reference.keys)
   np.testing.assert_array_equal(one.labels, reference.labels)
+
+
+def test_enqueue_by_class_matches_pushing_one_key_at_a_time():
+  rng = np.random.default_rng(3)
+  num_classes, per_class, dim = 4, 3, 2
+  queue = momentum.init_class_queue(num_classes, per_class, dim,
+                                    jax.random.key(1))
+  assert queue.keys.shape == (4, 3, 2)
+  np.testing.assert_allclose(np.linalg.norm(queue.keys, axis=-1), 1.0,
+                             rtol=1e-6)
+  keys, pointers = np.asarray(queue.keys).copy(), np.zeros(4, int)
+  step = jax.jit(momentum.enqueue_by_class)
+  # Class 0 gets 7 keys in the first batch (> Q: only its last 3 survive),
+  # class 3 none in the second; -1 rows are skipped.
+  batches = [np.array([0, 0, 1, 0, 0, 2, 0, 0, 3, 0, -1]),
+             np.array([1, 1, 1, 1, 2, 0, -1, 2]),
+             rng.integers(0, 4, 16)]
+  for labels in batches:
+    new_keys = rng.normal(size=(len(labels), dim)).astype(np.float32)
+    queue = step(queue, new_keys, labels.astype(np.int32))
+    for key, label in zip(new_keys, labels):
+      if label < 0:
+        continue
+      keys[label, pointers[label]] = key
+      pointers[label] = (pointers[label] + 1) % per_class
+    np.testing.assert_array_equal(queue.keys, keys)
+    np.testing.assert_array_equal(queue.pointers, pointers)
+  with pytest.raises(ValueError, match="new_labels"):
+    momentum.enqueue_by_class(queue, np.ones((2, 2), np.float32),
+                              np.zeros((3,), np.int32))
+  with pytest.raises(ValueError, match="per_class >= 1"):
+    momentum.init_class_queue(4, 0, 2, jax.random.key(0))
+
+
+def test_sharded_enqueue_by_class_equals_one_device():
+  rng = np.random.default_rng(4)
+  keys = rng.normal(size=(16, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, size=16).astype(np.int32)
+
+  def run(devices):
+    mesh = sharding.make_mesh(devices=jax.devices()[:devices])
+    with jax.set_mesh(mesh):
+      queue = jax.device_put(
+          momentum.init_class_queue(3, 4, 3, jax.random.key(0)),
+          sharding.replicated(mesh))
+      put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+      queue = jax.jit(momentum.enqueue_by_class)(queue, put(keys),
+                                                 put(labels))
+    return jax.device_get(queue)
+
+  one, eight = run(1), run(8)
+  np.testing.assert_array_equal(one.keys, eight.keys)
+  np.testing.assert_array_equal(one.pointers, eight.pointers)

@@ -39,7 +39,7 @@ def _batches(count, seed=0):
           for _ in range(count)]
 
 
-def _setup(config, mesh, total_steps=10):
+def _setup(config, mesh, total_steps=10, loss_options=None):
   model = models.create(config.model)
   schedule = optim.learning_rate_schedule(config.optim, BATCH, total_steps, 0)
   tx = optim.create(config.optim, schedule)
@@ -47,17 +47,21 @@ def _setup(config, mesh, total_steps=10):
   state = state_lib.create_train_state(
       model, tx, jax.random.key(0), IMAGE_SHAPE, mesh,
       momentum_encoder="keys" in needs,
-      queue_size=config.momentum.queue_size if "queue" in needs else None)
+      queue_size=config.momentum.queue_size if "queue" in needs else None,
+      class_queue=((config.model.linear_classes,
+                    config.momentum.class_queue_size)
+                   if "class_queue" in needs else None))
   step = jax.jit(functools.partial(
       train.train_step, model=model, tx=tx,
-      loss_fn=losses.get_with_metrics(config.loss.name),
+      loss_fn=functools.partial(losses.get_with_metrics(config.loss.name),
+                                **(loss_options or {})),
       loss_config=config.loss, schedule=schedule,
       momentum_config=config.momentum, total_steps=total_steps))
   return model, state, step
 
 
-def _run(config, mesh, batches):
-  _, state, step = _setup(config, mesh)
+def _run(config, mesh, batches, loss_options=None):
+  _, state, step = _setup(config, mesh, loss_options=loss_options)
   metrics = []
   with jax.set_mesh(mesh):
     for batch in batches:
@@ -239,3 +243,60 @@ def test_with_a_predictor_the_keys_are_the_key_encoders_projections():
   moved = jax.tree.map(lambda a, b: not np.allclose(a, b),
                        initial.params["predictor"], state.params["predictor"])
   assert any(jax.tree.leaves(moved))
+
+
+def _rescom_config():
+  config = _config("rescom")
+  config.model.linear_classes = 4
+  config.momentum.class_queue_size = 3
+  config.loss.kwargs = dict(con_weight=0.5, num_hard_positives=1,
+                            num_hard_negatives=4, effective_num_beta=0.999)
+  return config
+
+
+_RESCOM_COUNTS = {"class_counts": np.array([50.0, 20.0, 8.0, 2.0],
+                                           np.float32)}
+
+
+def test_rescom_fills_its_class_queues_with_view_0_embeddings():
+  config = _rescom_config()
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  model, initial, step = _setup(config, mesh, loss_options=_RESCOM_COUNTS)
+  initial = jax.device_get(initial)
+  assert initial.momentum["class_queue"].keys.shape == (4, 3, 16)
+  assert "params" not in initial.momentum  # No key encoder.
+  batch = _batches(1, seed=5)[0]
+  with jax.set_mesh(mesh):
+    state, metrics = step(initial, sharding.make_global_batch(mesh, batch))
+  state = jax.device_get(state)
+  assert np.isfinite(metrics["loss"]) and 0 <= metrics["class_acc"] <= 1
+  # The online embeddings before the step (train-mode BN over both views).
+  outputs, _ = model.apply(
+      {"params": initial.params, "batch_stats": initial.batch_stats},
+      batch["image"].reshape(BATCH * 2, *IMAGE_SHAPE), train=True,
+      mutable=["batch_stats"])
+  view0 = np.asarray(outputs["embedding"]).reshape(BATCH, 2, -1)[:, 0]
+  queue = state.momentum["class_queue"]
+  for label in range(4):
+    rows = view0[batch["label"] == label]
+    kept = rows[-3:]  # Each class keeps its last 3, in FIFO slots.
+    slots = (np.arange(len(rows)) % 3)[-3:]
+    np.testing.assert_allclose(queue.keys[label][slots], kept, rtol=1e-4,
+                               atol=1e-5)
+    assert int(queue.pointers[label]) == len(rows) % 3
+
+
+@pytest.mark.slow
+def test_rescom_on_eight_devices_equals_one():
+  config = _rescom_config()
+  batches = _batches(2, seed=6)
+  one = _run(config, sharding.make_mesh(devices=jax.devices()[:1]), batches,
+             _RESCOM_COUNTS)
+  eight = _run(config, sharding.make_mesh(), batches, _RESCOM_COUNTS)
+  for m1, m8 in zip(one[1], eight[1]):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(eight[0].momentum["class_queue"].keys,
+                             one[0].momentum["class_queue"].keys, rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_array_equal(eight[0].momentum["class_queue"].pointers,
+                                one[0].momentum["class_queue"].pointers)

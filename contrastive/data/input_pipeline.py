@@ -31,17 +31,19 @@ import tensorflow_datasets as tfds
 
 from contrastive.data import augment
 from contrastive.data import device_augment
-# Imported to register the `fashion_mnist_idx` and `biased_fashion_mnist`
-# builders with TFDS.
+# Imported to register our builders with TFDS: `fashion_mnist_idx`,
+# `biased_fashion_mnist`, `fashion_mnist_lt` and `cifar_lt`.
 from contrastive.data import biased_fashion_mnist
 from contrastive.data import fashion_mnist
 from contrastive.data import long_tail
 
 # Builders whose source files are local: preparing them is cheap and needs no
 # network, so it happens on first use instead of being a manual step.
+# (`cifar_lt` derives from a prepared TFDS cifar10 / cifar100 and says how
+# to prepare that if it is missing.)
 _LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,
                    biased_fashion_mnist.BiasedFashionMnist,
-                   long_tail.FashionMnistLt)
+                   long_tail.FashionMnistLt, long_tail.CifarLt)
 
 # Integer features carried into batches (as int32) when a dataset has them:
 # the class, and the bias attribute that debiasing losses (FairKL) need.
@@ -78,9 +80,14 @@ def _prepared_builder(dataset: str,
     searched = (f"data_dir={root}" if data_dir else
                 f"the default data_dir {root} (input.data_dir is unset; set "
                 "it or $TFDS_DATA_DIR to where the data is)")
+    # The tfds command line finds this package's builders only if told to
+    # import their module.
+    module = type(builder).__module__
+    imports = (f" --imports={module}" if module.startswith("contrastive.")
+               else "")
     message = (f"TFDS dataset '{dataset}' is not prepared in {searched}: "
                f"{builder.data_dir} does not exist. Prepare it once with "
-               f"`tfds build {dataset} --data_dir={root}`.")
+               f"`tfds build {dataset} --data_dir={root}{imports}`.")
     manual = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
     if manual:
       message += (f" It needs a manual download first: put the source files "
@@ -208,8 +215,18 @@ def class_frequencies(dataset: str, split: str,
                       data_dir: str | None) -> np.ndarray:
   """The fraction of `split`'s examples in each class, float64 [classes].
 
-  One pass over the split's records without decoding images (labels only):
-  the class prior of long-tailed training sets (PaCo's log prior).
+  The class prior of long-tailed training sets (PaCo's log prior), from
+  `class_counts`.
+  """
+  counts = class_counts(dataset, split, data_dir)
+  return counts / counts.sum()
+
+
+def class_counts(dataset: str, split: str,
+                 data_dir: str | None) -> np.ndarray:
+  """The number of `split`'s examples in each class, int64 [classes].
+
+  One pass over the split's records without decoding images (labels only).
   """
   builder = _prepared_builder(dataset, data_dir)
   _check_split(builder.info, split)
@@ -222,7 +239,7 @@ def class_frequencies(dataset: str, split: str,
   counts = np.zeros(num_classes, np.int64)
   for chunk in labels.batch(65_536).as_numpy_iterator():
     counts += np.bincount(chunk, minlength=num_classes)
-  return counts / counts.sum()
+  return counts
 
 
 def _view_kwargs(augment_config: ml_collections.ConfigDict) -> dict:

@@ -33,6 +33,7 @@ import tensorflow as tf
 from contrastive import sharding
 from contrastive.data import input_pipeline
 from contrastive.evaluation import knn
+from contrastive.evaluation import long_tail
 from contrastive.evaluation import linear_protocols
 
 
@@ -128,6 +129,27 @@ def topk_accuracy(params, x: np.ndarray, y: np.ndarray,
           for k in ks}
 
 
+def long_tail_scores(config, dataset: str, predictions: np.ndarray,
+                     labels: np.ndarray) -> dict[str, Any]:
+  """Many/medium/few-shot top-1 when `linear_eval.long_tail_thresholds`.
+
+  The groups come from the class counts of `linear_eval.train_split` (the
+  long-tailed training set); {} when the thresholds are unset.
+  """
+  thresholds = tuple(config.linear_eval.get("long_tail_thresholds", ()))
+  if not thresholds:
+    return {}
+  if len(thresholds) != 2:
+    raise ValueError("linear_eval.long_tail_thresholds must be (many, few), "
+                     f"got {thresholds}.")
+  counts = input_pipeline.class_counts(
+      dataset, config.linear_eval.train_split, config.input.data_dir)
+  scores = long_tail.shot_accuracies(
+      predictions, labels, counts, many_threshold=thresholds[0],
+      few_threshold=thresholds[1])
+  return {"long_tail": {**scores, "train_counts": counts.tolist()}}
+
+
 def evaluate_classifier_logits(config, mesh, logits_fn,
                                step: int) -> dict[str, Any]:
   """Top-1/top-5 of a trained classifier on `linear_eval`'s test split.
@@ -142,7 +164,8 @@ def evaluate_classifier_logits(config, mesh, logits_fn,
   return {"top1": float(np.mean(top5[:, 0] == labels)),
           "top5": float(np.mean(np.any(top5 == labels[:, None], axis=-1))),
           "dataset": dataset, "split": config.linear_eval.test_split,
-          "num_test": int(labels.shape[0]), "step": step}
+          "num_test": int(labels.shape[0]), "step": step,
+          **long_tail_scores(config, dataset, top5[:, 0], labels)}
 
 
 def _knn_scores(eval_config, train_x, train_y, test_x, test_y,
@@ -190,6 +213,9 @@ def probe(config, dataset: str, mesh, embed_fn=None) -> dict[str, Any]:
     result = topk_accuracy(params, test_x, test_y)
     result["train_top1"] = topk_accuracy(params, train_x, train_y,
                                          ks=(1,))["top1"]
+    predictions = np.asarray(jnp.argmax(
+        jnp.asarray(test_x) @ params["w"] + params["b"], axis=-1))
+    result.update(long_tail_scores(config, dataset, predictions, test_y))
     result.update(_knn_scores(eval_config, train_x, train_y, test_x, test_y,
                               num_classes))
   logging.info("Fitted the linear probe (and kNN) on %s features in %.1f s.",

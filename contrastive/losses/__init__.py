@@ -39,7 +39,9 @@ the keys' similarities), ReLIC (an invariance KL) and RényiCL (a skew-Rényi
 surrogate) are label-free (`moco.py`); PaCo and GPaCo (`paco.py`) need
 labels, `queue_labels` int[K] (-1: never a positive) and the classifier's
 `class_logits` float[batch, views, num_classes] (its class centres); GPaCo
-has no momentum encoder and takes no `keys`.
+has no momentum encoder and takes no `keys`. ResCom (`rescom.py`) needs
+labels, `class_queue` float[C, Q, dim] (its class-balanced queue: Q keys per
+class, replicated) and `class_logits`, and no `keys`.
 
   loss = losses.get("moco")(z, temperature=0.2, keys=k, queue=queue.keys)
 """
@@ -53,6 +55,7 @@ from contrastive.losses import excon
 from contrastive.losses import fnc
 from contrastive.losses import moco
 from contrastive.losses import paco
+from contrastive.losses import rescom
 from contrastive.losses import supcon
 from contrastive.losses import unbiased
 from contrastive.losses import unicon
@@ -82,6 +85,7 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "renyicl": (moco.renyicl, moco.renyicl_with_metrics),
     "paco": (paco.paco, paco.paco_with_metrics),
     "gpaco": (paco.gpaco, paco.gpaco_with_metrics),
+    "rescom": (rescom.rescom, rescom.rescom_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
@@ -99,10 +103,12 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
 # `contrastive/momentum.py`); MoCHi also "rng" (a PRNG key per step) and
 # "step" (the training step, for its delayed start of the mixing); PaCo
 # and GPaCo "queue_labels" ([K] classes of the queue, -1 unknown) and
-# "class_logits" (the classifier's [batch, views, num_classes] logits).
+# "class_logits" (the classifier's [batch, views, num_classes] logits);
+# ResCom "class_queue" (its class-balanced queue, float[C, Q, dim] keys, Q
+# per class, replicated) and "class_logits".
 EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum",
                 "bregman_phi", "explanations", "keys", "queue", "rng",
-                "step", "queue_labels", "class_logits")
+                "step", "queue_labels", "class_logits", "class_queue")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
@@ -116,6 +122,7 @@ _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "renyicl": ("keys", "queue"),
     "paco": ("keys", "queue", "queue_labels", "class_logits"),
     "gpaco": ("queue", "queue_labels", "class_logits"),
+    "rescom": ("class_queue", "class_logits"),
 }
 
 
