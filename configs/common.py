@@ -102,7 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
       # MoCo v3 / BYOL predictor on the online branch: an MLP (BN + ReLU
       # hidden layers, no BN on the output) from the projection to out_dim
       # (0: none); momentum losses then take the key encoder's projection.
-      predictor=dict(hidden_dims=(), out_dim=0))
+      predictor=dict(hidden_dims=(), out_dim=0),
+      # name="multiview_resnet" (CMC): an encoder and head per modality,
+      # "lab" (L | ab) or "intensity_gradients" (grayscale | Sobel d/dx,
+      # d/dy); contrastive/models/multiview.py.
+      modalities="lab")
 
   # Momentum-encoder and queue losses (moco, mochi, sce, relic, renyicl,
   # paco, gpaco; contrastive/momentum.py): the key encoder's EMA momentum

@@ -57,6 +57,10 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   paco with the key encoder, gpaco without it and with label
                   smoothing 0.1; the classifier is scored directly
                   (classifier_eval.json)
+  cmc             CMC (Tian et al. 2020): one crop, split into intensities
+                  and their Sobel derivatives, each its own encoder;
+                  in-batch negatives, tau 0.2; the probe reads both
+                  encoders' features (256-d)
   rescom          ResCom (Zhong et al. 2022) on Fashion-MNIST-LT, imbalance
                   100: Balanced Softmax classifier + class-balanced SupCon
                   with 1 hard positive and 40 hard negatives from a queue of
@@ -74,7 +78,7 @@ from configs import common
 METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
            "esupcon", "unicon", "fnc", "fn_removal", "bregman", "excon",
            "moco", "mochi", "sce", "relic", "renyicl", "paco", "gpaco",
-           "rescom")
+           "rescom", "cmc")
 
 def get_config(arg=None):
   args = common.parse_arg(arg, method="supcon")
@@ -114,7 +118,7 @@ def get_config(arg=None):
   # the validated probe, tau 0.1 gave 87.73 linear / 86.76 kNN k=20 against
   # tau 0.2's 88.05 / 85.99 (5 epochs, strength 1.0): kept at 0.2.
   label_free = ("simclr", "dcl", "dclw", "fnc", "fn_removal", "bregman",
-                "moco", "mochi", "sce", "relic", "renyicl")
+                "moco", "mochi", "sce", "relic", "renyicl", "cmc")
   if args.method in label_free:
     config.input.augment.color_strength = 1.0
   if args.method == "simclr":
@@ -154,6 +158,15 @@ def get_config(arg=None):
     config.loss.kwargs = dict(alpha=0.05, beta=1.0, gamma=1.0)
     config.model.linear_classes = 10
     config.momentum.update(base=0.99, schedule="cosine", queue_size=4096)
+  elif args.method == "cmc":
+    # One crop per image, split into its intensities and their Sobel
+    # derivatives, each with its own encoder (the grayscale stand-in for
+    # CMC's L and ab): about the compute of two views.
+    config.model.update(name="multiview_resnet",
+                        modalities="intensity_gradients")
+    config.input.views = 1
+    config.loss.update(name="cmc", temperature=0.2, use_labels=False)
+    config.loss.kwargs = dict(graph="full_graph")
   elif args.method == "rescom":
     # Long-tailed: Fashion-MNIST-LT, imbalance 100 (6000 .. 60 images per
     # class, 14,886 in all), the balanced 10k test images.

@@ -124,6 +124,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
         train=True, mutable=["batch_stats"])
     outputs = jax.tree.map(
         lambda x: x.reshape(num_images, num_views, *x.shape[1:]), outputs)
+    embedding = outputs["embedding"]
+    if embedding.ndim == 4:
+      # One embedding per modality (CMC's multiview model): the modalities
+      # of each view are further views, [B, views * modalities, dim].
+      outputs["embedding"] = embedding.reshape(num_images, -1,
+                                               embedding.shape[-1])
     return outputs, new_model_state["batch_stats"]
 
   # The momentum losses' inputs: constants of the step (no gradient).

@@ -27,6 +27,10 @@ false-negative removal (`fnc.py`, masks edited by a detector), the deep
 Bregman term (`bregman.py`, a second softmax over one-hot columns), ExCon
 (`excon.py`, SupCon over saliency-masked views).
 
+CMC (`cmc.py`, label-free, no extra inputs, "gather" only) sums a symmetric
+cross-view InfoNCE against the global batch over pairs of views that are
+different modalities, one encoder per view (a full graph or a core view).
+
 The momentum-encoder / queue losses take more inputs, as keyword arguments
 the trainer supplies (see `EXTRA_INPUTS`), and run with `loss_impl="gather"`
 only: `keys` float[batch, views, dim] (the momentum encoder's embeddings of
@@ -49,6 +53,7 @@ class, replicated) and `class_logits`, and no `keys`.
 from collections.abc import Callable
 
 from contrastive.losses import bregman
+from contrastive.losses import cmc
 from contrastive.losses import dcl
 from contrastive.losses import esupcon
 from contrastive.losses import excon
@@ -86,6 +91,7 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "paco": (paco.paco, paco.paco_with_metrics),
     "gpaco": (paco.gpaco, paco.gpaco_with_metrics),
     "rescom": (rescom.rescom, rescom.rescom_with_metrics),
+    "cmc": (cmc.cmc, cmc.cmc_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
