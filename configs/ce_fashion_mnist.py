@@ -29,13 +29,16 @@ training SimCLR (Table 5) found stronger colour augmentation does not help
 and SupContrast's CE recipe is crop + flip only, so the standard supervised
 recipe is the fair baseline. (On grayscale 28 px the jitter would only be
 brightness/contrast.)
+
+Arg: `dataset=fashion_mnist_idx` (or `fashion_mnist_lt/if100` etc., which
+adds the many / medium / few-shot scores).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  del arg  # No variants.
+  args = common.parse_arg(arg, dataset="fashion_mnist_idx")
   config = common.base_config()
   config.trainer = "supervised"
   # Encoder as smoke_fashion_mnist.py (the head exists in the model but is
@@ -63,4 +66,5 @@ def get_config(arg=None):
                             test_split="test", batch_size=1024, steps=300,
                             l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
                             raw_pixel_baseline=False)
+  common.set_fashion_mnist_dataset(config, args.dataset)
   return config

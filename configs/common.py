@@ -33,6 +33,25 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
+# Many / medium / few-shot thresholds of Fashion-MNIST-LT (its classes keep
+# 60..6000 images; contrastive/evaluation/long_tail.py).
+FASHION_MNIST_LT_THRESHOLDS = (1000, 200)
+
+
+def set_fashion_mnist_dataset(config: ml_collections.ConfigDict,
+                              dataset: str) -> None:
+  """Trains on `dataset` (a Fashion-MNIST builder); long-tailed ones
+  (`fashion_mnist_lt/...`) also get the many / medium / few-shot scores."""
+  if not dataset.startswith(("fashion_mnist_idx", "fashion_mnist_lt/",
+                             "biased_fashion_mnist/")):
+    raise ValueError(f"dataset must be a Fashion-MNIST builder "
+                     f"(fashion_mnist_idx, fashion_mnist_lt/if10|if50|if100),"
+                     f" got {dataset!r}.")
+  config.input.dataset = dataset
+  if dataset.startswith("fashion_mnist_lt/"):
+    config.linear_eval.long_tail_thresholds = FASHION_MNIST_LT_THRESHOLDS
+
+
 def simclr_augment(strength: float = 1.0, blur_prob: float = 0.5,
                    crop_area_min: float = 0.08) -> ml_collections.ConfigDict:
   """SimCLR's view recipe; `blur_prob=0` for CIFAR-sized images."""

@@ -66,6 +66,9 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   with 1 hard positive and 40 hard negatives from a queue of
                   10 keys per class, tau 0.2; many/medium/few-shot top-1
                   (> 1000 / 200..1000 / < 200 training images)
+A second key picks the Fashion-MNIST builder, e.g.
+`:supcon,dataset=fashion_mnist_lt/if100` (long-tailed, which adds the many /
+medium / few-shot scores; ResCom's default).
 Every variant shares the encoder, optimizer and budget, so that the result
 table (`make table`) compares losses only; the label-free ones (simclr, dcl,
 dclw, fnc, fn_removal, bregman) jitter brightness and contrast at full
@@ -81,7 +84,9 @@ METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
            "rescom", "cmc")
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, method="supcon")
+  # A second key picks the Fashion-MNIST builder, e.g.
+  # `:supcon,dataset=fashion_mnist_lt/if100` (ResCom's default).
+  args = common.parse_arg(arg, method="supcon", dataset="")
   if args.method not in METHODS:
     raise ValueError(f"Variant must be one of {METHODS}, got "
                      f"'{args.method}'.")
@@ -170,7 +175,7 @@ def get_config(arg=None):
   elif args.method == "rescom":
     # Long-tailed: Fashion-MNIST-LT, imbalance 100 (6000 .. 60 images per
     # class, 14,886 in all), the balanced 10k test images.
-    config.input.dataset = "fashion_mnist_lt/if100"
+    args.dataset = args.dataset or "fashion_mnist_lt/if100"
     config.loss.update(name="rescom", temperature=0.2, use_labels=True)
     # The official CIFAR-100-LT options, hard negatives scaled to the 90
     # other-class keys of a 10-class queue of 10 keys per class.
@@ -179,7 +184,6 @@ def get_config(arg=None):
                               effective_num_beta=0.999999)
     config.model.linear_classes = 10
     config.momentum.class_queue_size = 10
-    config.linear_eval.long_tail_thresholds = (1000, 200)
   elif args.method == "excon":
     config.loss.update(name="excon", temperature=0.2, use_labels=True)
     config.loss.kwargs = dict(saliency_threshold=0.5, gradcam_stage=1)
@@ -202,4 +206,6 @@ def get_config(arg=None):
                             test_split="test", batch_size=1024, steps=300,
                             l2_grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
                             raw_pixel_baseline=True)
+  common.set_fashion_mnist_dataset(config,
+                                   args.dataset or "fashion_mnist_idx")
   return config

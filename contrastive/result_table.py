@@ -24,6 +24,10 @@ table instead: CE, SupCon, epsilon-SupInfoNCE and FairKL trained on
 colour-biased Fashion-MNIST (rho 0.99 and 0.997) and scored on the
 unbiased test split (`configs/fairkl_biased_fashion_mnist.py`), written to
 `out/biased_fashion_mnist.md` / `.json` / `.png`.
+
+`--table=fashion_mnist_lt` (`make table-lt`) trains CE, SupCon, PaCo and
+ResCom on Fashion-MNIST-LT (imbalance 100) and adds the many / medium /
+few-shot top-1 of the linear probe and of each model's own classifier.
 """
 
 import dataclasses
@@ -137,6 +141,9 @@ class Table:
   epochs: float  # The default training budget of every trained row.
   linear_column: str = "linear top-1"
   make_target: str = "table"
+  # Long-tailed training sets: many / medium / few-shot columns for the
+  # linear probe and the model's own classifier.
+  long_tail: bool = False
 
 
 _BIASED_ROWS = {}
@@ -150,6 +157,20 @@ for _rho in ("0.99", "0.997"):
     _BIASED_ROWS[f"{_method}_rho{_rho}"] = Row(
         f"{_label}, rho {_rho}", _loss,
         f"configs/fairkl_biased_fashion_mnist.py:{_method},rho={_rho}")
+
+_LT = "dataset=fashion_mnist_lt/if100"
+_LT_ROWS = {
+    "ce_lt": Row("Cross-entropy (CE)", "cross-entropy",
+                 f"configs/ce_fashion_mnist.py:{_LT}"),
+    "supcon_lt": Row("SupCon", "SupCon L_out, tau 0.2",
+                     f"configs/smoke_fashion_mnist.py:supcon,{_LT}"),
+    "paco_lt": Row("PaCo", "class centres + log prior + batch + queue, EMA "
+                   "key encoder", f"configs/smoke_fashion_mnist.py:paco,{_LT}",
+                   ("--config.loss.class_prior=True",)),
+    "rescom": Row("ResCom", "Balanced Softmax + class-balanced SupCon, "
+                  "hard mining from 10 keys per class",
+                  "configs/smoke_fashion_mnist.py:rescom"),
+}
 
 TABLES = {
     "fashion_mnist": Table(
@@ -174,6 +195,19 @@ TABLES = {
         "Training time excludes compilation and the online evaluation.",
         _BIASED_ROWS, epochs=2.0, linear_column="unbiased linear top-1",
         make_target="table-biased"),
+    "fashion_mnist_lt": Table(
+        "Fashion-MNIST-LT (imbalance 100), CPU: long-tailed classification",
+        "Training split: `fashion_mnist_lt/if100`, Cao et al.'s exponential "
+        "profile from 6000 to 60 images per class (14,886 in all); test: "
+        "the balanced 10k images. Many / medium / few-shot: classes with "
+        "more than 1000 / 200 to 1000 / fewer than 200 training images (4 "
+        "/ 3 / 3 classes). Encoder, batch and input as the Fashion-MNIST "
+        "table. Linear top-1: the L-BFGS probe fitted on the long-tailed "
+        "training features; own classifier: CE's softmax layer, PaCo's and "
+        "ResCom's linear classifier (ResCom's trained with Balanced "
+        "Softmax, PaCo's with the log prior). Training time excludes "
+        "compilation and the online evaluation.",
+        _LT_ROWS, epochs=5.0, make_target="table-lt", long_tail=True),
 }
 
 
@@ -249,6 +283,10 @@ def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
       "knn200_top1": evaluation.get("knn200_top1"),
       "classifier_top1": (_read_json(classifier_path)["top1"]
                           if os.path.exists(classifier_path) else None),
+      "linear_long_tail": evaluation.get("long_tail"),
+      "classifier_long_tail": (
+          _read_json(classifier_path).get("long_tail")
+          if os.path.exists(classifier_path) else None),
       "epochs": metrics[-1]["epoch"] if metrics else 0.0,
       "train_seconds": metrics[-1]["train_time_sec"] if metrics else 0.0,
       "run_seconds": record["seconds"],
@@ -269,24 +307,40 @@ def _minutes(seconds) -> str:
   return "-" if not seconds else f"{seconds / 60:.1f} min"
 
 
+def _shots(long_tail) -> str:
+  """'many / medium / few' top-1 of a `long_tail` result, or '-'."""
+  if not long_tail:
+    return "-"
+  return " / ".join(_percent(long_tail.get(f"{group}_top1"))
+                    for group in ("many", "medium", "few"))
+
+
 def markdown(results: list[dict], total_seconds: float,
              table: Table = TABLES["fashion_mnist"]) -> str:
+  shot_columns = (" linear many / medium / few | own classifier many / "
+                  "medium / few |" if table.long_tail else "")
   header = (f"| method | objective | {table.linear_column} | "
             "kNN top-1 (k=20) | "
             "kNN top-1 (k=200) | own classifier top-1 | epochs | "
-            "training time | run time (with evaluation) |")
-  lines = [header, "|---" * 9 + "|"]
+            "training time | run time (with evaluation) |" + shot_columns)
+  columns = 11 if table.long_tail else 9
+  lines = [header, "|---" * columns + "|"]
   for raw in (r[RAW_PIXELS] for r in results if RAW_PIXELS in r):
     lines.append(
         f"| Raw pixels ({raw['feature_dim']}-d), no training | - | "
         f"{_percent(raw['top1'])} | {_percent(raw.get('knn20_top1'))} | "
-        f"{_percent(raw.get('knn200_top1'))} | - | - | - | - |")
+        f"{_percent(raw.get('knn200_top1'))} | - | - | - | - |"
+        + (" - | - |" if table.long_tail else ""))
   for r in results:
+    shots = (f" {_shots(r.get('linear_long_tail'))} | "
+             f"{_shots(r.get('classifier_long_tail'))} |"
+             if table.long_tail else "")
     lines.append(
         f"| {r['label']} | {r['loss']} | {_percent(r['linear_top1'])} | "
         f"{_percent(r['knn20_top1'])} | {_percent(r['knn200_top1'])} | "
         f"{_percent(r['classifier_top1'])} | {r['epochs']:.1f} | "
-        f"{_minutes(r['train_seconds'])} | {_minutes(r['run_seconds'])} |")
+        f"{_minutes(r['train_seconds'])} | {_minutes(r['run_seconds'])} |"
+        + shots)
   cpu = platform.processor() or platform.machine()
   return "\n".join([
       f"# {table.title}",

@@ -129,3 +129,22 @@ def test_biased_table_trains_fairkl_with_bias_labels(tmp_path):
   fairkl = [m["fairkl"] for m in metrics if "fairkl" in m]
   assert len(fairkl) == 2 and all(np.isfinite(fairkl))
   assert any(value != 0.0 for value in fairkl)
+
+
+def test_long_tailed_table_adds_many_medium_few_columns():
+  result = _result("rescom", 0.75, [])
+  result.update(
+      classifier_top1=0.7,
+      linear_long_tail={"many_top1": 0.9, "medium_top1": 0.7,
+                        "few_top1": 0.55},
+      classifier_long_tail={"many_top1": 0.8, "medium_top1": 0.65,
+                            "few_top1": None})
+  table = result_table.markdown([result], total_seconds=700,
+                                table=result_table.TABLES["fashion_mnist_lt"])
+  lines = [line for line in table.splitlines() if line.startswith("| ")]
+  assert lines[0].endswith("| linear many / medium / few | own classifier "
+                           "many / medium / few |")
+  assert "|---" * 11 + "|" in table.splitlines()
+  assert lines[1].endswith("| 90.00 / 70.00 / 55.00 | 80.00 / 65.00 / - |")
+  # The balanced tables keep their nine columns.
+  assert "many" not in result_table.markdown([_result("a", 0.5, [])], 1)
