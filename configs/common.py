@@ -137,6 +137,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.momentum = dict(base=0.99, schedule="cosine", queue_size=0,
                          class_queue_size=8)
 
+  # IFND (contrastive/pseudo_labels.py): every `refresh_every_epochs` the
+  # training set is embedded and clustered by spherical k-means at each k
+  # of `cluster_counts`; the most confident fraction of images, rising from
+  # `start_fraction` to `end_fraction` over training, keep their
+  # pseudo-label. Unused by other losses.
+  config.pseudo_labels = dict(cluster_counts=(10,), refresh_every_epochs=1.0,
+                              start_fraction=0.0, end_fraction=1.0,
+                              iterations=20)
+
   # `use_labels` passes the class labels to the loss (SupCon); `kwargs` are
   # the loss's own options, e.g. variant / contrast_mode / base_temperature.
   # `loss_impl` says how anchors meet the global batch, all with the same
@@ -168,6 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
       # (same augmentations otherwise), embedded in their own pass and
       # appended after the `views` ones (the key encoder sees those only).
       small_views=0,
+      # Each batch carries "index", the image's position in the split (for
+      # per-image state: IFND's pseudo-labels); in-memory datasets only.
+      example_index=False,
       small_image_size=96,
       small_crop_area=(0.05, 0.14),
       image_size=224,

@@ -61,6 +61,10 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   and their Sobel derivatives, each its own encoder;
                   in-batch negatives, tau 0.2; the probe reads both
                   encoders' features (256-d)
+  ifnd            IFND (Chen et al. 2022): SimCLR whose false negatives
+                  (images sharing a k-means cluster at k = 10 and 30 over
+                  the training set, re-clustered every epoch, the accepted
+                  fraction rising from 0 to 1) leave the denominator
   rescom          ResCom (Zhong et al. 2022) on Fashion-MNIST-LT, imbalance
                   100: Balanced Softmax classifier + class-balanced SupCon
                   with 1 hard positive and 40 hard negatives from a queue of
@@ -81,7 +85,7 @@ from configs import common
 METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
            "esupcon", "unicon", "fnc", "fn_removal", "bregman", "excon",
            "moco", "mochi", "sce", "relic", "renyicl", "paco", "gpaco",
-           "rescom", "cmc")
+           "rescom", "cmc", "ifnd")
 
 def get_config(arg=None):
   # A second key picks the Fashion-MNIST builder, e.g.
@@ -123,7 +127,7 @@ def get_config(arg=None):
   # the validated probe, tau 0.1 gave 87.73 linear / 86.76 kNN k=20 against
   # tau 0.2's 88.05 / 85.99 (5 epochs, strength 1.0): kept at 0.2.
   label_free = ("simclr", "dcl", "dclw", "fnc", "fn_removal", "bregman",
-                "moco", "mochi", "sce", "relic", "renyicl", "cmc")
+                "moco", "mochi", "sce", "relic", "renyicl", "cmc", "ifnd")
   if args.method in label_free:
     config.input.augment.color_strength = 1.0
   if args.method == "simclr":
@@ -163,6 +167,15 @@ def get_config(arg=None):
     config.loss.kwargs = dict(alpha=0.05, beta=1.0, gamma=1.0)
     config.model.linear_classes = 10
     config.momentum.update(base=0.99, schedule="cosine", queue_size=4096)
+  elif args.method == "ifnd":
+    # SimCLR's views; each epoch the 60k training images are clustered into
+    # 10 and 30 groups, and images sharing both leave each other's
+    # denominators, the accepted fraction rising from 0 to 1.
+    config.loss.update(name="ifnd", temperature=0.2, use_labels=False)
+    config.input.example_index = True
+    config.pseudo_labels.update(cluster_counts=(10, 30),
+                                refresh_every_epochs=1.0, start_fraction=0.0,
+                                end_fraction=1.0)
   elif args.method == "cmc":
     # One crop per image, split into its intensities and their Sobel
     # derivatives, each with its own encoder (the grayscale stand-in for

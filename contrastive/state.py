@@ -31,10 +31,14 @@ class TrainState:
 
 def _init_momentum(model, variables, images, rng, momentum_encoder: bool,
                    queue_size: int | None,
-                   class_queue: tuple[int, int] | None = None
+                   class_queue: tuple[int, int] | None = None,
+                   pseudo_label_table: int | None = None
                    ) -> dict[str, Any]:
   """The key encoder (a copy of the online one) and the queues, as asked."""
   state = {}
+  if pseudo_label_table is not None:
+    # IFND's per-image pseudo-labels, none accepted yet.
+    state["pseudo_labels"] = jnp.full((pseudo_label_table,), -1, jnp.int32)
   if momentum_encoder:
     state["params"] = jax.tree.map(jnp.copy, variables["params"])
     state["batch_stats"] = jax.tree.map(jnp.copy,
@@ -55,7 +59,8 @@ def _init_momentum(model, variables, images, rng, momentum_encoder: bool,
 def _init_fn(model, tx: optax.GradientTransformation,
              image_shape: tuple[int, ...], probe_tx, num_classes,
              momentum_encoder: bool = False, queue_size: int | None = None,
-             class_queue: tuple[int, int] | None = None):
+             class_queue: tuple[int, int] | None = None,
+             pseudo_label_table: int | None = None):
   def init(rng):
     images = jnp.zeros((2, *image_shape), jnp.float32)
     variables = model.init(rng, images, train=False)
@@ -71,7 +76,8 @@ def _init_fn(model, tx: optax.GradientTransformation,
                       probe_opt_state=probe_opt_state,
                       momentum=_init_momentum(model, variables, images, rng,
                                               momentum_encoder, queue_size,
-                                              class_queue))
+                                              class_queue,
+                                              pseudo_label_table))
   return init
 
 
@@ -80,7 +86,8 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        probe_tx: optax.GradientTransformation | None = None,
                        num_classes: int = 0, momentum_encoder: bool = False,
                        queue_size: int | None = None,
-                       class_queue: tuple[int, int] | None = None
+                       class_queue: tuple[int, int] | None = None,
+                       pseudo_label_table: int | None = None
                        ) -> TrainState:
   """Initialises the state directly into its (replicated) sharding.
 
@@ -89,10 +96,12 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
   carries an online linear probe over `num_classes`; with
   `momentum_encoder`, a key encoder starting as a copy of the online one;
   with `queue_size` (an int, 0 allowed), a queue of that many random keys;
-  with `class_queue` (num_classes, per_class), ResCom's class queue.
+  with `class_queue` (num_classes, per_class), ResCom's class queue; with
+  `pseudo_label_table` (the number of training images), IFND's table.
   """
   init = _init_fn(model, tx, image_shape, probe_tx, num_classes,
-                  momentum_encoder, queue_size, class_queue)
+                  momentum_encoder, queue_size, class_queue,
+                  pseudo_label_table)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh),
                            jax.eval_shape(init, rng))
   return jax.jit(init, out_shardings=shardings)(rng)
@@ -103,12 +112,14 @@ def abstract_train_state(model, tx: optax.GradientTransformation,
                          probe_tx: optax.GradientTransformation | None = None,
                          num_classes: int = 0, momentum_encoder: bool = False,
                          queue_size: int | None = None,
-                         class_queue: tuple[int, int] | None = None
+                         class_queue: tuple[int, int] | None = None,
+                         pseudo_label_table: int | None = None
                          ) -> TrainState:
   """`ShapeDtypeStruct`s with shardings: the restore target for checkpoints."""
   abstract = jax.eval_shape(
       _init_fn(model, tx, image_shape, probe_tx, num_classes,
-               momentum_encoder, queue_size, class_queue),
+               momentum_encoder, queue_size, class_queue,
+               pseudo_label_table),
       jax.random.key(0))
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -31,6 +31,7 @@ from contrastive import metric_logging
 from contrastive import models
 from contrastive import momentum as momentum_lib
 from contrastive import optim
+from contrastive import pseudo_labels
 from contrastive import run_dir
 from contrastive import sharding
 from contrastive import state as state_lib
@@ -147,6 +148,17 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
     momentum_inputs["queue_labels"] = state.momentum["queue"].labels
   if "class_queue" in needs:
     momentum_inputs["class_queue"] = state.momentum["class_queue"].keys
+  if "pseudo_labels" in needs:
+    if input_pipeline.INDEX_KEY not in batch:
+      raise ValueError(
+          f"Loss {loss_config.name!r} looks up each image's pseudo-label by "
+          "its index: set --config.input.example_index=True.")
+    index = batch[input_pipeline.INDEX_KEY]
+    table = state.momentum["pseudo_labels"][index]
+    # Images without an accepted pseudo-label get ids of their own
+    # (negative, so never equal to an accepted one).
+    momentum_inputs["pseudo_labels"] = jnp.where(table >= 0, table,
+                                                 -1 - index)
   if "rng" in needs:
     momentum_inputs["rng"] = jax.random.fold_in(
         jax.random.fold_in(jax.random.key(seed), _LOSS_RNG_STREAM),
@@ -259,7 +271,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
 
 
 def _momentum_state_spec(config: ml_collections.ConfigDict,
-                         num_classes: int = 0) -> dict[str, Any]:
+                         num_classes: int = 0,
+                         num_train: int = 0) -> dict[str, Any]:
   """`momentum_encoder`, `queue_size` and `class_queue` the loss needs."""
   needs = losses.extra_inputs(config.loss.name)
   class_queue = None
@@ -282,12 +295,14 @@ def _momentum_state_spec(config: ml_collections.ConfigDict,
           f"{per_step} keys enqueued per step (global batch x {key_views} "
           "key views); make it at least that, or 0 for no queue.")
   return dict(momentum_encoder="keys" in needs, queue_size=queue_size,
-              class_queue=class_queue)
+              class_queue=class_queue,
+              pseudo_label_table=(num_train if "pseudo_labels" in needs
+                                  else None))
 
 
 def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
                        manager, model, tx, image_shape, mesh, abstract_state,
-                       probe_tx, num_classes):
+                       probe_tx, num_classes, num_train):
   """The state to continue from: the newest good checkpoint, else a new one.
 
   A workdir with checkpoints must have been started by the same config
@@ -300,7 +315,7 @@ def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
     state = state_lib.create_train_state(
         model, tx, jax.random.key(config.seed), image_shape, mesh,
         probe_tx=probe_tx, num_classes=num_classes,
-        **_momentum_state_spec(config, num_classes))
+        **_momentum_state_spec(config, num_classes, num_train))
   return state
 
 
@@ -385,9 +400,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
   abstract_state = state_lib.abstract_train_state(
       model, tx, image_shape, mesh, probe_tx=probe_tx,
-      num_classes=num_classes, **_momentum_state_spec(config, num_classes))
+      num_classes=num_classes,
+      **_momentum_state_spec(config, num_classes, num_train))
   state = _restore_or_create(config, workdir, manager, model, tx, image_shape,
-                             mesh, abstract_state, probe_tx, num_classes)
+                             mesh, abstract_state, probe_tx, num_classes,
+                             num_train)
 
   state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
   step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
@@ -403,12 +420,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         {"params": state.params, "batch_stats": state.batch_stats}, mesh,
         probe_params=state.probe_params if config.online_eval.probe else None)
 
+  refresh = None
+  if "pseudo_labels" in losses.extra_inputs(config.loss.name):
+    # IFND: re-cluster the training set every `refresh_every_epochs`.
+    every = max(1, round(config.pseudo_labels.refresh_every_epochs
+                         * steps_per_epoch))
+    refresh = (every, lambda state, step: pseudo_labels.refresh(
+        config, model, state, mesh, step=step, total_steps=total_steps,
+        num_examples=num_train))
+
   logger = metric_logging.MetricLogger(workdir)
   state, last_metrics, preempted = training_loop.run(
       config, step, state, state_shardings, mesh=mesh, manager=manager,
       logger=logger, total_steps=total_steps,
       steps_per_epoch=steps_per_epoch, evaluate_online=evaluate_online,
-      headline_metric="contrastive_acc")
+      headline_metric="contrastive_acc", refresh=refresh)
   result = {"train": last_metrics, "step": int(jax.device_get(state.step)),
             "preempted": preempted}
   if not preempted and (config.model.num_prototypes

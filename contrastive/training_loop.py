@@ -60,7 +60,9 @@ def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
         logger: metric_logging.MetricLogger, total_steps: int,
         steps_per_epoch: int,
         evaluate_online: Callable[[Any], dict[str, float]],
-        headline_metric: str) -> tuple[Any, dict[str, float], bool]:
+        headline_metric: str,
+        refresh: tuple[int, Callable[[Any, int], Any]] | None = None
+        ) -> tuple[Any, dict[str, float], bool]:
   """Trains `state` from its step to `total_steps`; returns the outcome.
 
   Args:
@@ -78,6 +80,10 @@ def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
     evaluate_online: `state -> metrics` run every `online_eval.every_steps`
       and at the last step, outside the training time.
     headline_metric: the metric logged next to the loss.
+    refresh: (every, fn) or None: `state = fn(state, step)` after every
+      `every` steps (IFND's re-clustering), outside the training time. Its
+      result is checkpointed with the rest, so a resumed run continues from
+      the same refreshed state.
 
   Returns:
     (state, the last logged metrics, whether SIGTERM stopped the run). The
@@ -120,6 +126,14 @@ def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
   with jax.set_mesh(mesh), preemption.Watcher() as watcher:
     timer = throughput.StepTimer()
     for step_number in range(start_step + 1, total_steps + 1):
+      done = step_number - 1
+      if refresh is not None and done > 0 and done % refresh[0] == 0:
+        # Between steps, off the clock: the steps so far count, the pause
+        # does not.
+        jax.block_until_ready(state)
+        train_seconds += timer.lap().wall_sec
+        state = refresh[1](state, done)
+        timer.restart()
       batch = timer.next_batch(batches)
       with jax.profiler.StepTraceAnnotation("train", step_num=step_number):
         state, tally, metrics = step_fn(state, tally, batch)

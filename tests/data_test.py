@@ -458,3 +458,44 @@ def test_multi_crop_adds_small_views_and_keeps_the_large_ones(data_dir):
   with pytest.raises(ValueError, match="small_views must be >= 0"):
     input_pipeline.pretrain_dataset(
         _input_config(data_dir, small_views=-1), seed=5)
+
+
+def _split_order(data_dir, split):
+  """Image bytes -> position in the split as TFDS stores it (TFDS shuffles
+  examples when it writes them, so not the IDX files' order)."""
+  builder = tfds.builder(_NAME, data_dir=data_dir)
+  images = [example["image"][..., 0] for example in tfds.as_numpy(
+      builder.as_dataset(split=split, shuffle_files=False))]
+  return _by_image(np.stack(images))
+
+
+def test_example_index_is_the_position_in_the_split(data_dir, monkeypatch):
+  lookup = _split_order(data_dir, "train")
+  config = _identity_augment(_input_config(data_dir, views=1,
+                                           example_index=True))
+  for process_index in range(2):
+    batch = _take(input_pipeline.pretrain_dataset(
+        config, seed=0, process_index=process_index, process_count=2), 1)[0]
+    assert batch["index"].dtype == np.int32
+    np.testing.assert_array_equal(
+        batch["index"], [lookup[image.tobytes()] for image in
+                         _to_uint8(batch["image"][:, 0, ..., 0])])
+    # Each process's indices are its own half of the split.
+    assert set(batch["index"]) <= set(range(20 * process_index,
+                                            20 * process_index + 20))
+  test_lookup = _split_order(data_dir, "test[:7]")
+  seen = []
+  for process_index in range(2):  # Uneven shards of 4 and 3.
+    for batch in input_pipeline.eval_dataset(
+        _NAME, "test[:7]", global_batch_size=4, image_size=28,
+        data_dir=data_dir, process_index=process_index, process_count=2,
+        with_index=True).as_numpy_iterator():
+      mask = batch["mask"]
+      np.testing.assert_array_equal(
+          batch["index"][mask], [test_lookup[image.tobytes()] for image in
+                                 _to_uint8(batch["image"][mask][..., 0])])
+      seen.extend(batch["index"][mask])
+  assert sorted(seen) == list(range(7))
+  monkeypatch.setattr(input_pipeline, "_fits_in_memory", lambda *_: False)
+  with pytest.raises(ValueError, match="held in memory"):
+    input_pipeline.pretrain_dataset(config, seed=0)

@@ -48,6 +48,10 @@ _LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,
 # Integer features carried into batches (as int32) when a dataset has them:
 # the class, and the bias attribute that debiasing losses (FairKL) need.
 _LABEL_KEYS = ("label", "bias_label")
+# The example's position in its split, carried into batches on request
+# (`input.example_index`, `eval_dataset(with_index=True)`): what methods that
+# keep a state per training image (IFND's pseudo-labels) index it by.
+INDEX_KEY = "index"
 # The feature holding an image's saliency mask (uint8 [H, W, 1], 255 =
 # salient), read only for ReLICv2's saliency masking
 # (`input.augment.saliency_prob`).
@@ -370,6 +374,7 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
   encoded = _is_jpeg(info)
   image_shape = info.features["image"].shape
   with_saliency = input_config.augment.get("saliency_prob", 0.0) > 0
+  with_index = input_config.get("example_index", False)
   if with_saliency and SALIENCY_KEY not in info.features:
     raise ValueError(
         f"input.augment.saliency_prob > 0 (ReLICv2's saliency masking) needs "
@@ -381,10 +386,20 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
   stream_seed = tf.constant([seed, process_index], tf.int64)
   if not encoded and _fits_in_memory(image_shape, shard_size):
     images, labels = _cached_shard(builder, shard, with_saliency)
+    if with_index:
+      # Equal shards (drop_remainder) lie in order: shard p starts at
+      # p * shard_size of the split.
+      labels = {**labels, INDEX_KEY: tf.range(shard_size, dtype=tf.int64)
+                + process_index * shard_size}
     dataset = _indexed_examples(images, labels,
                                 local_batch_size=local_batch_size,
                                 start_step=start_step, seed=stream_seed)
   else:
+    if with_index:
+      raise ValueError(
+          f"input.example_index (a per-image state, e.g. IFND's pseudo-"
+          f"labels) needs a dataset held in memory; '{input_config.dataset}' "
+          "is streamed (JPEG-encoded or larger than the cache).")
     dataset = _streamed_examples(builder, shard,
                                  shuffle_buffer=input_config.shuffle_buffer,
                                  local_batch_size=local_batch_size,
@@ -486,7 +501,8 @@ def augmented_batches(examples: tf.data.Dataset, *, seed: tf.Tensor,
 def eval_dataset(dataset: str, split: str, *, global_batch_size: int,
                  image_size: int, data_dir: str | None,
                  process_index: int | None = None,
-                 process_count: int | None = None) -> tf.data.Dataset:
+                 process_count: int | None = None,
+                 with_index: bool = False) -> tf.data.Dataset:
   """One pass over this process's shard of `split`, padded to full batches.
 
   Args:
@@ -497,6 +513,7 @@ def eval_dataset(dataset: str, split: str, *, global_batch_size: int,
     data_dir: TFDS data dir; None for TFDS's default.
     process_index: this process; default `jax.process_index()`.
     process_count: number of processes; default `jax.process_count()`.
+    with_index: also yield `INDEX_KEY`, each example's position in `split`.
 
   Returns:
     A finite dataset of {"image": float32 [b, S, S, C] in [0, 1],
@@ -525,7 +542,10 @@ def eval_dataset(dataset: str, split: str, *, global_batch_size: int,
   crop_fraction = (augment.EVAL_CROP_FRACTION if None in image_shape[:2]
                    else None)
 
-  def preprocess(image, labels):
+  def preprocess(position, example):
+    image, labels = example
+    if with_index:
+      labels = {**labels, INDEX_KEY: position + shard_start}
     image = augment.eval_view(image, size=image_size,
                               crop_fraction=crop_fraction, encoded=encoded,
                               channels=channels)
@@ -536,12 +556,16 @@ def eval_dataset(dataset: str, split: str, *, global_batch_size: int,
 
   padding = tf.data.Dataset.from_tensors({
       "image": tf.zeros([image_size, image_size, channels], tf.float32),
-      **{key: tf.constant(0, tf.int32) for key in _label_keys(info)},
+      **{key: tf.constant(0, tf.int32) for key in _label_keys(info)
+         + ((INDEX_KEY,) if with_index else ())},
       "mask": tf.constant(False),
   }).repeat(num_batches * local_batch_size - shard_size)
+  # The shards (sizes differing by at most one) lie in order in the split.
+  shard_start = sum(shard_sizes[:process_index])
   examples = padding
   if shard_size:  # TFDS cannot read an empty shard (more processes than data).
-    examples = _read(builder, shards[process_index], shuffle_files=False)
+    examples = _read(builder, shards[process_index],
+                     shuffle_files=False).enumerate()
     examples = examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     examples = examples.concatenate(padding)
   batches = examples.batch(local_batch_size, drop_remainder=True)

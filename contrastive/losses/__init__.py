@@ -58,6 +58,7 @@ from contrastive.losses import dcl
 from contrastive.losses import esupcon
 from contrastive.losses import excon
 from contrastive.losses import fnc
+from contrastive.losses import ifnd
 from contrastive.losses import moco
 from contrastive.losses import paco
 from contrastive.losses import rescom
@@ -81,6 +82,7 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "unicon": (unicon.unicon, unicon.unicon_with_metrics),
     "fnc": (fnc.fnc, fnc.fnc_with_metrics),
     "fn_removal": (fnc.fn_removal, fnc.fn_removal_with_metrics),
+    "ifnd": (ifnd.ifnd, ifnd.ifnd_with_metrics),
     "bregman": (bregman.bregman, bregman.bregman_with_metrics),
     "excon": (excon.excon, excon.excon_with_metrics),
     "moco": (moco.moco, moco.moco_with_metrics),
@@ -111,10 +113,14 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
 # and GPaCo "queue_labels" ([K] classes of the queue, -1 unknown) and
 # "class_logits" (the classifier's [batch, views, num_classes] logits);
 # ResCom "class_queue" (its class-balanced queue, float[C, Q, dim] keys, Q
-# per class, replicated) and "class_logits".
+# per class, replicated) and "class_logits". IFND takes "pseudo_labels"
+# (int32[batch]: the batch's pseudo-label ids from the trainer's clustering;
+# any two samples with the same id are each other's false negatives; ids are
+# unique for samples without an accepted pseudo-label).
 EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum",
                 "bregman_phi", "explanations", "keys", "queue", "rng",
-                "step", "queue_labels", "class_logits", "class_queue")
+                "step", "queue_labels", "class_logits", "class_queue",
+                "pseudo_labels")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
@@ -129,6 +135,7 @@ _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "paco": ("keys", "queue", "queue_labels", "class_logits"),
     "gpaco": ("queue", "queue_labels", "class_logits"),
     "rescom": ("class_queue", "class_logits"),
+    "ifnd": ("pseudo_labels",),
 }
 
 
