@@ -134,8 +134,13 @@ def base_config() -> ml_collections.ConfigDict:
   # `queue_size` past keys (0: negatives from the batch only); ResCom's
   # class-balanced queue holds `class_queue_size` keys per class. Unused by
   # other losses.
+  # InterCLR's memory bank holds a feature per training image, blended in
+  # at `bank_update_rate` (1: replaced) and clustered by k-means into
+  # `bank_clusters` every `bank_cluster_every_epochs`.
   config.momentum = dict(base=0.99, schedule="cosine", queue_size=0,
-                         class_queue_size=8)
+                         class_queue_size=8, bank_update_rate=1.0,
+                         bank_clusters=10_000, bank_cluster_every_epochs=1.0,
+                         bank_kmeans_iterations=10)
 
   # IFND (contrastive/pseudo_labels.py): every `refresh_every_epochs` the
   # training set is embedded and clustered by spherical k-means at each k
@@ -178,7 +183,8 @@ def base_config() -> ml_collections.ConfigDict:
       # appended after the `views` ones (the key encoder sees those only).
       small_views=0,
       # Each batch carries "index", the image's position in the split (for
-      # per-image state: IFND's pseudo-labels); in-memory datasets only.
+      # per-image state: IFND's pseudo-labels, InterCLR's memory bank);
+      # streamed datasets (ImageNet) number whole splits only.
       example_index=False,
       small_image_size=96,
       small_crop_area=(0.05, 0.14),

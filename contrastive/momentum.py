@@ -249,3 +249,28 @@ def enqueue_by_class(queue: ClassQueue, new_keys: jax.Array,
   pointers = ((queue.pointers + counts) % per_class).astype(jnp.int32)
   return queue.replace(keys=keys.reshape(num_classes, per_class, dim),
                        pointers=pointers)
+
+
+def update_bank(bank: jax.Array, rows: jax.Array, features: jax.Array,
+                rate: float) -> jax.Array:
+  """Memory-bank rows `rows` <- normalise((1 - rate) old + rate features).
+
+  Args:
+    bank: float32[N, dim], L2-normalised rows (may be row-sharded).
+    rows: int[n] distinct rows to update (the batch's images).
+    features: float[n, dim] their new L2-normalised features (stop-gradient
+      is applied).
+    rate: weight of the new feature; 1 replaces the row (InterCLR's bank,
+      whose official "momentum" 1 keeps only the newest feature).
+
+  Returns:
+    The updated bank.
+  """
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f"The bank update rate must be in (0, 1], got {rate}.")
+  new = jax.lax.stop_gradient(features).astype(jnp.float32)
+  if rate < 1.0:
+    new = (1.0 - rate) * bank[rows] + rate * new
+  new = new / jnp.maximum(jnp.linalg.norm(new, axis=-1, keepdims=True),
+                          1e-12)
+  return bank.at[rows].set(new, unique_indices=True)

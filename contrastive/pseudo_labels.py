@@ -1,4 +1,5 @@
-"""Pseudo-labels of the training images from clustering their embeddings.
+"""Pseudo-labels of the training images from clustering their embeddings:
+IFND's false-negative table and InterCLR's memory-bank clusters.
 
 IFND (Chen et al., "Incremental False Negative Detection for Contrastive
 Learning", ICLR 2022) periodically embeds the whole training set, clusters
@@ -124,4 +125,30 @@ def refresh(config: ml_collections.ConfigDict, model, state, mesh, *,
   momentum = dict(state.momentum)
   momentum["pseudo_labels"] = jax.device_put(
       jnp.asarray(labels), sharding.replicated(mesh))
+  return state.replace(momentum=momentum)
+
+
+def cluster_bank(config: ml_collections.ConfigDict, state, *,
+                 step: int) -> Any:
+  """`state` with InterCLR's bank clusters recomputed by k-means of the bank.
+
+  Spherical k-means of `config.momentum.bank_clusters` clusters, seeded by
+  random distinct rows (k-means++ would take k passes over the bank) and
+  run for `bank_kmeans_iterations`; the rows stay sharded as they are.
+  """
+  bank = state.momentum["memory_bank"]
+  k = config.momentum.bank_clusters
+  if not 1 <= k <= bank.shape[0]:
+    raise ValueError(f"config.momentum.bank_clusters={k} must be between 1 "
+                     f"and the {bank.shape[0]} training images.")
+  result = kmeans.kmeans(
+      bank, k, jax.random.fold_in(jax.random.key(config.seed), step),
+      iterations=config.momentum.bank_kmeans_iterations, metric="cosine",
+      init="random")
+  counts = np.asarray(result.counts)
+  logging.info("Memory bank clusters at step %d: %d of %d non-empty, "
+               "largest %d.", step, (counts > 0).sum(), k, counts.max())
+  momentum = dict(state.momentum)
+  momentum["bank_clusters"] = jax.device_put(
+      result.labels.astype(jnp.int32), state.momentum["bank_clusters"].sharding)
   return state.replace(momentum=momentum)

@@ -75,6 +75,23 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+# Train-state entries with a row per training image (InterCLR's memory
+# bank and its clusters): too large to copy onto every device at ImageNet
+# scale, so their rows are split over `data` when they divide evenly.
+PER_IMAGE_STATE = ("memory_bank", "bank_clusters")
+
+
+def state_sharding(mesh: jax.sharding.Mesh, path, leaf) -> NamedSharding:
+  """The sharding of one train-state leaf (`path` from `tree_map_with_path`):
+  per-image rows over `data`, everything else replicated."""
+  names = {getattr(entry, "key", None) for entry in path}
+  rows = getattr(leaf, "shape", (0,))[:1]
+  if (names & set(PER_IMAGE_STATE) and rows
+      and rows[0] % mesh.shape[DATA_AXIS] == 0):
+    return batch_sharding(mesh)
+  return replicated(mesh)
+
+
 def make_global_batch(mesh: jax.sharding.Mesh, local_batch: Any) -> Any:
   """Turns this process's numpy batch (a pytree) into global batch-sharded arrays.
 

@@ -1,5 +1,6 @@
 """The explicit training state and its sharded creation."""
 
+import functools
 from typing import Any
 
 import flax
@@ -32,10 +33,19 @@ class TrainState:
 def _init_momentum(model, variables, images, rng, momentum_encoder: bool,
                    queue_size: int | None,
                    class_queue: tuple[int, int] | None = None,
-                   pseudo_label_table: int | None = None
+                   pseudo_label_table: int | None = None,
+                   memory_bank: int | None = None
                    ) -> dict[str, Any]:
   """The key encoder (a copy of the online one) and the queues, as asked."""
   state = {}
+  if memory_bank is not None:
+    # InterCLR: a feature per training image (random unit vectors until the
+    # image is first seen) and its k-means cluster (-1: none yet).
+    dim = model.apply(variables, images, train=False)["embedding"].shape[-1]
+    bank = momentum_lib.init_queue(memory_bank, dim,
+                                   jax.random.fold_in(rng, 3))
+    state["memory_bank"] = bank.keys
+    state["bank_clusters"] = bank.labels
   if pseudo_label_table is not None:
     # IFND's per-image pseudo-labels, none accepted yet.
     state["pseudo_labels"] = jnp.full((pseudo_label_table,), -1, jnp.int32)
@@ -60,7 +70,8 @@ def _init_fn(model, tx: optax.GradientTransformation,
              image_shape: tuple[int, ...], probe_tx, num_classes,
              momentum_encoder: bool = False, queue_size: int | None = None,
              class_queue: tuple[int, int] | None = None,
-             pseudo_label_table: int | None = None):
+             pseudo_label_table: int | None = None,
+             memory_bank: int | None = None):
   def init(rng):
     images = jnp.zeros((2, *image_shape), jnp.float32)
     variables = model.init(rng, images, train=False)
@@ -77,7 +88,8 @@ def _init_fn(model, tx: optax.GradientTransformation,
                       momentum=_init_momentum(model, variables, images, rng,
                                               momentum_encoder, queue_size,
                                               class_queue,
-                                              pseudo_label_table))
+                                              pseudo_label_table,
+                                              memory_bank))
   return init
 
 
@@ -87,9 +99,10 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        num_classes: int = 0, momentum_encoder: bool = False,
                        queue_size: int | None = None,
                        class_queue: tuple[int, int] | None = None,
-                       pseudo_label_table: int | None = None
+                       pseudo_label_table: int | None = None,
+                       memory_bank: int | None = None
                        ) -> TrainState:
-  """Initialises the state directly into its (replicated) sharding.
+  """Initialises the state directly into its sharding (`state_sharding`).
 
   `image_shape` is `(H, W, C)`. The init is jitted with output shardings so
   nothing is materialised off its final devices. With `probe_tx`, the state
@@ -97,13 +110,15 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
   `momentum_encoder`, a key encoder starting as a copy of the online one;
   with `queue_size` (an int, 0 allowed), a queue of that many random keys;
   with `class_queue` (num_classes, per_class), ResCom's class queue; with
-  `pseudo_label_table` (the number of training images), IFND's table.
+  `pseudo_label_table` (the number of training images), IFND's table; with
+  `memory_bank` (likewise), InterCLR's bank and clusters, row-sharded.
   """
   init = _init_fn(model, tx, image_shape, probe_tx, num_classes,
                   momentum_encoder, queue_size, class_queue,
-                  pseudo_label_table)
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh),
-                           jax.eval_shape(init, rng))
+                  pseudo_label_table, memory_bank)
+  shardings = jax.tree_util.tree_map_with_path(
+      functools.partial(sharding.state_sharding, mesh),
+      jax.eval_shape(init, rng))
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
@@ -113,15 +128,16 @@ def abstract_train_state(model, tx: optax.GradientTransformation,
                          num_classes: int = 0, momentum_encoder: bool = False,
                          queue_size: int | None = None,
                          class_queue: tuple[int, int] | None = None,
-                         pseudo_label_table: int | None = None
+                         pseudo_label_table: int | None = None,
+                         memory_bank: int | None = None
                          ) -> TrainState:
   """`ShapeDtypeStruct`s with shardings: the restore target for checkpoints."""
   abstract = jax.eval_shape(
       _init_fn(model, tx, image_shape, probe_tx, num_classes,
                momentum_encoder, queue_size, class_queue,
-               pseudo_label_table),
+               pseudo_label_table, memory_bank),
       jax.random.key(0))
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=sharding.replicated(mesh)),
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=sharding.state_sharding(mesh, path, x)),
       abstract)

@@ -148,12 +148,19 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
     momentum_inputs["queue_labels"] = state.momentum["queue"].labels
   if "class_queue" in needs:
     momentum_inputs["class_queue"] = state.momentum["class_queue"].keys
-  if "pseudo_labels" in needs:
+  if {"pseudo_labels", "index"} & set(needs):
     if input_pipeline.INDEX_KEY not in batch:
       raise ValueError(
           f"Loss {loss_config.name!r} looks up each image's pseudo-label by "
           "its index: set --config.input.example_index=True.")
     index = batch[input_pipeline.INDEX_KEY]
+  if "index" in needs:
+    momentum_inputs["index"] = index
+  if "memory_bank" in needs:
+    momentum_inputs["memory_bank"] = state.momentum["memory_bank"]
+  if "bank_clusters" in needs:
+    momentum_inputs["bank_clusters"] = state.momentum["bank_clusters"]
+  if "pseudo_labels" in needs:
     table = state.momentum["pseudo_labels"][index]
     # Images without an accepted pseudo-label get ids of their own
     # (negative, so never equal to an accepted one).
@@ -258,6 +265,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                   else jnp.repeat(batch["label"], key_views))
     new_momentum["queue"] = momentum_lib.enqueue(
         state.momentum["queue"], new_keys, new_labels)
+  if "memory_bank" in new_momentum:
+    # InterCLR's bank row of each image: its key (view 0) blended in.
+    new_momentum["memory_bank"] = momentum_lib.update_bank(
+        state.momentum["memory_bank"], batch[input_pipeline.INDEX_KEY],
+        (embeddings if keys is None else keys)[:, 0],
+        momentum_config.bank_update_rate)
   if "class_queue" in new_momentum:
     # ResCom feeds its class queues with the online embeddings of view 0.
     new_momentum["class_queue"] = momentum_lib.enqueue_by_class(
@@ -297,7 +310,8 @@ def _momentum_state_spec(config: ml_collections.ConfigDict,
   return dict(momentum_encoder="keys" in needs, queue_size=queue_size,
               class_queue=class_queue,
               pseudo_label_table=(num_train if "pseudo_labels" in needs
-                                  else None))
+                                  else None),
+              memory_bank=num_train if "memory_bank" in needs else None)
 
 
 def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
@@ -428,6 +442,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     refresh = (every, lambda state, step: pseudo_labels.refresh(
         config, model, state, mesh, step=step, total_steps=total_steps,
         num_examples=num_train))
+  elif "bank_clusters" in losses.extra_inputs(config.loss.name):
+    # InterCLR: online k-means of the memory bank.
+    every = max(1, round(config.momentum.bank_cluster_every_epochs
+                         * steps_per_epoch))
+    refresh = (every, lambda state, step: pseudo_labels.cluster_bank(
+        config, state, step=step))
 
   logger = metric_logging.MetricLogger(workdir)
   state, last_metrics, preempted = training_loop.run(

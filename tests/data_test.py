@@ -496,6 +496,24 @@ def test_example_index_is_the_position_in_the_split(data_dir, monkeypatch):
                                  _to_uint8(batch["image"][mask][..., 0])])
       seen.extend(batch["index"][mask])
   assert sorted(seen) == list(range(7))
+  # Streamed (as ImageNet): the index comes from the records' TFDS ids.
   monkeypatch.setattr(input_pipeline, "_fits_in_memory", lambda *_: False)
-  with pytest.raises(ValueError, match="held in memory"):
+  for process_index in range(2):
+    for batch in _take(input_pipeline.pretrain_dataset(
+        config, seed=0, process_index=process_index, process_count=2), 3):
+      np.testing.assert_array_equal(
+          batch["index"], [lookup[image.tobytes()] for image in
+                           _to_uint8(batch["image"][:, 0, ..., 0])])
+  config.train_split = "train[:20]"
+  with pytest.raises(ValueError, match="whole split"):
     input_pipeline.pretrain_dataset(config, seed=0)
+
+
+def test_file_index_reads_the_shard_and_position_of_a_tfds_id():
+  starts = tf.constant([0, 1251, 2502, 3753], tf.int64)
+  ids = tf.constant(["imagenet2012-train.tfrecord-00002-of-01024__15",
+                     "imagenet2012-train.tfrecord-00000-of-01024__0",
+                     "x-y-z-train.array_record-00003-of-00004__1250"])
+  index = tf.map_fn(lambda i: input_pipeline._file_index(i, starts), ids,  # pylint: disable=protected-access
+                    fn_output_signature=tf.int64)
+  np.testing.assert_array_equal(index, [2517, 0, 5003])

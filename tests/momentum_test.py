@@ -197,3 +197,46 @@ def test_sharded_enqueue_by_class_equals_one_device():
   one, eight = run(1), run(8)
   np.testing.assert_array_equal(one.keys, eight.keys)
   np.testing.assert_array_equal(one.pointers, eight.pointers)
+
+
+def test_update_bank_matches_numpy_and_sharded_equals_one_device():
+  rng = np.random.default_rng(5)
+  bank = rng.normal(size=(16, 3))
+  bank = (bank / np.linalg.norm(bank, axis=1, keepdims=True)).astype(
+      np.float32)
+  rows = np.array([3, 0, 15, 7, 9, 2, 12, 5], np.int32)
+  features = rng.normal(size=(8, 3))
+  features = (features / np.linalg.norm(features, axis=1, keepdims=True)
+              ).astype(np.float32)
+  for rate in (1.0, 0.5):
+    expected = bank.astype(np.float64).copy()
+    blend = (1 - rate) * expected[rows] + rate * features
+    expected[rows] = blend / np.linalg.norm(blend, axis=1, keepdims=True)
+    results = []
+    for devices in (1, 8):
+      mesh = sharding.make_mesh(devices=jax.devices()[:devices])
+      with jax.set_mesh(mesh):
+        sharded = jax.device_put(bank, sharding.batch_sharding(mesh))
+        put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+        new = jax.jit(momentum.update_bank, static_argnums=3)(
+            sharded, put(rows), put(features), rate)
+        assert new.sharding.spec == sharding.batch_sharding(mesh).spec
+        results.append(np.asarray(jax.device_get(new)))
+    np.testing.assert_allclose(results[0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(results[0], results[1])
+  with pytest.raises(ValueError, match="update rate"):
+    momentum.update_bank(bank, rows, features, 0.0)
+
+
+def test_per_image_state_is_row_sharded():
+  mesh = sharding.make_mesh()
+  leaf = jax.ShapeDtypeStruct((64, 4), jnp.float32)
+  path = (jax.tree_util.GetAttrKey("momentum"),
+          jax.tree_util.DictKey("memory_bank"))
+  assert sharding.state_sharding(mesh, path, leaf) == sharding.batch_sharding(mesh)
+  # Rows that do not divide evenly, and every other entry, are replicated.
+  odd = jax.ShapeDtypeStruct((63, 4), jnp.float32)
+  assert sharding.state_sharding(mesh, path, odd) == sharding.replicated(mesh)
+  queue = (jax.tree_util.GetAttrKey("momentum"),
+           jax.tree_util.DictKey("queue"))
+  assert sharding.state_sharding(mesh, queue, leaf) == sharding.replicated(mesh)

@@ -50,7 +50,8 @@ _LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,
 _LABEL_KEYS = ("label", "bias_label")
 # The example's position in its split, carried into batches on request
 # (`input.example_index`, `eval_dataset(with_index=True)`): what methods that
-# keep a state per training image (IFND's pseudo-labels) index it by.
+# keep a state per training image (IFND's pseudo-labels, InterCLR's memory
+# bank) index it by. Streamed datasets take it from the records' TFDS ids.
 INDEX_KEY = "index"
 # The feature holding an image's saliency mask (uint8 [H, W, 1], 255 =
 # salient), read only for ReLICv2's saliency masking
@@ -158,25 +159,50 @@ def _label_keys(info: tfds.core.DatasetInfo) -> tuple[str, ...]:
   return tuple(key for key in _LABEL_KEYS if key in info.features)
 
 
+def _file_index(tfds_id: tf.Tensor, shard_starts: tf.Tensor) -> tf.Tensor:
+  """A record's position in its split from its TFDS id
+  (`<name>-<split>.<format>-<shard>-of-<count>__<position in shard>`)."""
+  file_name, position = tf.unstack(
+      tf.strings.split(tfds_id, "__", maxsplit=1), num=2)
+  shard = tf.strings.regex_replace(file_name, r"^.*-(\d+)-of-\d+$", r"\1")
+  return (tf.gather(shard_starts, tf.strings.to_number(shard, tf.int64))
+          + tf.strings.to_number(position, tf.int64))
+
+
 def _read(builder: tfds.core.DatasetBuilder, split, *, shuffle_files: bool,
-          seed: int | None = None,
-          with_saliency: bool = False) -> tf.data.Dataset:
+          seed: int | None = None, with_saliency: bool = False,
+          with_index: bool = False) -> tf.data.Dataset:
   """Reads (image, {label key: label}) pairs; JPEG images stay encoded.
 
   The dict holds the dataset's `_LABEL_KEYS`: "label", plus "bias_label" for
-  datasets that have it; and with `with_saliency` the `SALIENCY_KEY` mask.
+  datasets that have it; with `with_saliency` the `SALIENCY_KEY` mask; with
+  `with_index` the record's `INDEX_KEY` position in its (whole) split,
+  from its TFDS id, whatever order the files are read in.
   """
   decoders = ({"image": tfds.decode.SkipDecoding()}
               if _is_jpeg(builder.info) else None)
   read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options(),
-                                try_autocache=False)
+                                try_autocache=False, add_tfds_id=with_index)
   dataset = builder.as_dataset(split=split, shuffle_files=shuffle_files,
                                decoders=decoders, read_config=read_config)
   # Other features (e.g. ImageNet's file names) would only cost memory.
   keys = _label_keys(builder.info) + ((SALIENCY_KEY,) if with_saliency
                                       else ())
-  return dataset.map(lambda ex: (ex["image"], {key: ex[key] for key in keys}),
-                     num_parallel_calls=tf.data.AUTOTUNE)
+  shard_starts = None
+  if with_index:
+    # TFDS ids name the files of the whole split (even for a process's
+    # share of it, a `tfds.even_splits` entry).
+    whole = getattr(split, "split", split)
+    lengths = builder.info.splits[whole].shard_lengths
+    shard_starts = tf.constant(np.cumsum([0] + list(lengths[:-1])), tf.int64)
+
+  def select(example):
+    labels = {key: example[key] for key in keys}
+    if with_index:
+      labels[INDEX_KEY] = _file_index(example["tfds_id"], shard_starts)
+    return example["image"], labels
+
+  return dataset.map(select, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def dataset_info(dataset: str,
@@ -312,7 +338,8 @@ def _indexed_examples(images: tf.Tensor, labels: dict[str, tf.Tensor], *,
 def _streamed_examples(builder: tfds.core.DatasetBuilder, shard, *,
                        shuffle_buffer: int, local_batch_size: int,
                        start_step: int, seed: int,
-                       with_saliency: bool = False) -> tf.data.Dataset:
+                       with_saliency: bool = False,
+                       with_index: bool = False) -> tf.data.Dataset:
   """(position, (image, labels)) replaying one seeded stream, skipping ahead.
 
   For datasets too large to hold in memory: the same seed gives the same
@@ -320,7 +347,7 @@ def _streamed_examples(builder: tfds.core.DatasetBuilder, shard, *,
   read but not decoded or augmented.
   """
   dataset = _read(builder, shard, shuffle_files=True, seed=seed,
-                  with_saliency=with_saliency)
+                  with_saliency=with_saliency, with_index=with_index)
   dataset = dataset.shuffle(shuffle_buffer, seed=seed,
                             reshuffle_each_iteration=True)
   dataset = dataset.repeat().enumerate()
@@ -395,16 +422,17 @@ def pretrain_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
                                 local_batch_size=local_batch_size,
                                 start_step=start_step, seed=stream_seed)
   else:
-    if with_index:
+    if with_index and input_config.train_split not in info.splits.keys():
       raise ValueError(
-          f"input.example_index (a per-image state, e.g. IFND's pseudo-"
-          f"labels) needs a dataset held in memory; '{input_config.dataset}' "
-          "is streamed (JPEG-encoded or larger than the cache).")
+          f"input.example_index on a streamed dataset numbers the records "
+          f"of a whole split; '{input_config.train_split}' is a slice of "
+          f"one. Train on one of {sorted(info.splits.keys())}.")
     dataset = _streamed_examples(builder, shard,
                                  shuffle_buffer=input_config.shuffle_buffer,
                                  local_batch_size=local_batch_size,
                                  start_step=start_step, seed=seed,
-                                 with_saliency=with_saliency)
+                                 with_saliency=with_saliency,
+                                 with_index=with_index)
 
   small_views = input_config.get("small_views", 0)
   if small_views < 0:

@@ -59,6 +59,7 @@ from contrastive.losses import esupcon
 from contrastive.losses import excon
 from contrastive.losses import fnc
 from contrastive.losses import ifnd
+from contrastive.losses import interclr
 from contrastive.losses import moco
 from contrastive.losses import paco
 from contrastive.losses import rescom
@@ -94,6 +95,7 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "gpaco": (paco.gpaco, paco.gpaco_with_metrics),
     "rescom": (rescom.rescom, rescom.rescom_with_metrics),
     "cmc": (cmc.cmc, cmc.cmc_with_metrics),
+    "interclr": (interclr.interclr, interclr.interclr_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
@@ -116,11 +118,14 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
 # per class, replicated) and "class_logits". IFND takes "pseudo_labels"
 # (int32[batch]: the batch's pseudo-label ids from the trainer's clustering;
 # any two samples with the same id are each other's false negatives; ids are
-# unique for samples without an accepted pseudo-label).
+# unique for samples without an accepted pseudo-label). InterCLR also takes
+# "memory_bank" (float[N, dim] L2-normalised feature of every training image,
+# replicated), "bank_clusters" (int32[N] each row's online k-means cluster,
+# -1 not clustered yet) and "index" (int32[batch] each sample's bank row).
 EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum",
                 "bregman_phi", "explanations", "keys", "queue", "rng",
                 "step", "queue_labels", "class_logits", "class_queue",
-                "pseudo_labels")
+                "pseudo_labels", "memory_bank", "bank_clusters", "index")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
@@ -136,6 +141,8 @@ _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "gpaco": ("queue", "queue_labels", "class_logits"),
     "rescom": ("class_queue", "class_logits"),
     "ifnd": ("pseudo_labels",),
+    "interclr": ("keys", "queue", "rng", "memory_bank", "bank_clusters",
+                 "index"),
 }
 
 
