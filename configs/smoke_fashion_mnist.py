@@ -61,6 +61,11 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   and their Sobel derivatives, each its own encoder;
                   in-batch negatives, tau 0.2; the probe reads both
                   encoders' features (256-d)
+  interclr        InterCLR (Xie et al. 2022): 0.75 moco + 0.25 MarginNCE
+                  (margin -0.5) of each view against a random bank row of
+                  its k-means cluster (500 clusters of a 60k-row memory bank,
+                  every epoch) and 1024 of its 4096 nearest other-cluster
+                  rows
   ifnd            IFND (Chen et al. 2022): SimCLR whose false negatives
                   (images sharing a k-means cluster at k = 10 and 30 over
                   the training set, re-clustered every epoch, the accepted
@@ -85,7 +90,7 @@ from configs import common
 METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
            "esupcon", "unicon", "fnc", "fn_removal", "bregman", "excon",
            "moco", "mochi", "sce", "relic", "renyicl", "paco", "gpaco",
-           "rescom", "cmc", "ifnd")
+           "rescom", "cmc", "ifnd", "interclr")
 
 def get_config(arg=None):
   # A second key picks the Fashion-MNIST builder, e.g.
@@ -127,7 +132,8 @@ def get_config(arg=None):
   # the validated probe, tau 0.1 gave 87.73 linear / 86.76 kNN k=20 against
   # tau 0.2's 88.05 / 85.99 (5 epochs, strength 1.0): kept at 0.2.
   label_free = ("simclr", "dcl", "dclw", "fnc", "fn_removal", "bregman",
-                "moco", "mochi", "sce", "relic", "renyicl", "cmc", "ifnd")
+                "moco", "mochi", "sce", "relic", "renyicl", "cmc", "ifnd",
+                "interclr")
   if args.method in label_free:
     config.input.augment.color_strength = 1.0
   if args.method == "simclr":
@@ -167,6 +173,20 @@ def get_config(arg=None):
     config.loss.kwargs = dict(alpha=0.05, beta=1.0, gamma=1.0)
     config.model.linear_classes = 10
     config.momentum.update(base=0.99, schedule="cosine", queue_size=4096)
+  elif args.method == "interclr":
+    # moco's setting plus a 60k-row memory bank (each image's newest key),
+    # k-means of it into 500 clusters every epoch (about InterCLR's 128
+    # images per cluster), MarginNCE against a same-cluster bank row and
+    # 1024 of the 4096 nearest other-cluster rows.
+    config.loss.update(name="interclr", temperature=0.2, use_labels=False)
+    config.loss.kwargs = dict(intra_weight=0.75, inter_weight=0.25,
+                              margin=-0.5, num_negatives=1024,
+                              semi_hard_pool=4096)
+    config.momentum.update(base=0.99, schedule="cosine", queue_size=4096,
+                           bank_update_rate=1.0, bank_clusters=500,
+                           bank_cluster_every_epochs=1.0,
+                           bank_kmeans_iterations=10)
+    config.input.example_index = True
   elif args.method == "ifnd":
     # SimCLR's views; each epoch the 60k training images are clustered into
     # 10 and 30 groups, and images sharing both leave each other's

@@ -140,10 +140,11 @@ def test_draws_follow_the_definition():
   # Singleton cluster (sample 0) and unclustered row (sample 1): invalid;
   # every other query has >= 8 eligible rows in a pool of 20.
   np.testing.assert_array_equal(draws.valid, np.arange(2 * BATCH) >= 4)
-  # A pool as small as K: valid only where no row of the pool is excluded.
-  tight = _draws(z, bank, CLUSTERS, index, rng, num_negatives=12,
+  # A tight pool (9 of 12): valid only where at most 3 of the query's 12
+  # nearest rows are excluded; `_check_draws` counts them.
+  tight = _draws(z, bank, CLUSTERS, index, rng, num_negatives=9,
                  semi_hard_pool=12)
-  _check_draws(z, bank, CLUSTERS, index, tight, 12, 12)
+  _check_draws(z, bank, CLUSTERS, index, tight, 9, 12)
   assert 0 < tight.valid[4:].sum() < 12
 
 

@@ -20,6 +20,7 @@ from contrastive.data import input_pipeline
 
 IMAGE_SHAPE = (12, 12, 1)
 BATCH = 16
+BANK_ROWS = 64
 
 
 def _config(method="moco"):
@@ -50,7 +51,8 @@ def _setup(config, mesh, total_steps=10, loss_options=None):
       queue_size=config.momentum.queue_size if "queue" in needs else None,
       class_queue=((config.model.linear_classes,
                     config.momentum.class_queue_size)
-                   if "class_queue" in needs else None))
+                   if "class_queue" in needs else None),
+      memory_bank=BANK_ROWS if "memory_bank" in needs else None)
   step = jax.jit(functools.partial(
       train.train_step, model=model, tx=tx,
       loss_fn=functools.partial(losses.get_with_metrics(config.loss.name),
@@ -300,3 +302,60 @@ def test_rescom_on_eight_devices_equals_one():
                              atol=1e-5)
   np.testing.assert_array_equal(eight[0].momentum["class_queue"].pointers,
                                 one[0].momentum["class_queue"].pointers)
+
+
+@pytest.mark.slow
+def test_interclr_bank_follows_the_keys_and_shards_its_rows():
+  from contrastive import pseudo_labels  # pylint: disable=g-import-not-at-top
+  config = _config("interclr")
+  config.momentum.update(bank_clusters=4, bank_kmeans_iterations=3)
+  config.loss.kwargs = dict(num_negatives=4, semi_hard_pool=16)
+  batches = _batches(2, seed=7)
+  rng = np.random.default_rng(7)
+  for batch in batches:
+    batch["index"] = rng.permutation(BANK_ROWS)[:BATCH].astype(np.int32)
+
+  def run(mesh):
+    model, state, step = _setup(config, mesh)
+    initial = jax.device_get(state)
+    metrics = []
+    with jax.set_mesh(mesh):
+      state, m = step(state, sharding.make_global_batch(mesh, batches[0]))
+      metrics.append(jax.device_get(m))
+      # Cluster the bank between the steps, as the training loop does.
+      state = pseudo_labels.cluster_bank(config, state, step=1)
+      state, m = step(state, sharding.make_global_batch(mesh, batches[1]))
+      metrics.append(jax.device_get(m))
+    return model, initial, state, metrics
+
+  model, initial, one_state, one = run(
+      sharding.make_mesh(devices=jax.devices()[:1]))
+  _, _, eight_state, eight = run(sharding.make_mesh())
+  assert eight_state.momentum["memory_bank"].sharding.spec == (
+      jax.sharding.PartitionSpec("data"))
+  for m1, m8 in zip(one, eight):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  # No clusters at the first step: only the intra (MoCo) part; then some
+  # queries meet their cluster.
+  assert one[0]["inter_valid_fraction"] == 0.0
+  assert one[1]["inter_valid_fraction"] > 0.0
+  bank1 = np.asarray(jax.device_get(one_state.momentum["memory_bank"]))
+  bank8 = np.asarray(jax.device_get(eight_state.momentum["memory_bank"]))
+  np.testing.assert_allclose(bank8, bank1, rtol=1e-4, atol=1e-5)
+  # After step 1 the batch's rows held the (old) key encoder's view-0
+  # keys; rows never in a batch keep their random start.
+  seen = set(batches[0]["index"]) | set(batches[1]["index"])
+  untouched = sorted(set(range(BANK_ROWS)) - seen)
+  np.testing.assert_array_equal(
+      bank1[untouched], np.asarray(initial.momentum["memory_bank"])[untouched])
+  only_first = sorted(set(batches[0]["index"]) - set(batches[1]["index"]))
+  outputs, _ = model.apply(
+      {"params": initial.momentum["params"],
+       "batch_stats": initial.momentum["batch_stats"]},
+      batches[0]["image"].reshape(BATCH * 2, *IMAGE_SHAPE), train=True,
+      mutable=["batch_stats"])
+  keys = np.asarray(outputs["embedding"]).reshape(BATCH, 2, -1)[:, 0]
+  where = {row: i for i, row in enumerate(batches[0]["index"])}
+  np.testing.assert_allclose(bank1[only_first],
+                             keys[[where[row] for row in only_first]],
+                             rtol=1e-4, atol=1e-5)
