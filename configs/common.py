@@ -43,10 +43,12 @@ def set_fashion_mnist_dataset(config: ml_collections.ConfigDict,
   """Trains on `dataset` (a Fashion-MNIST builder); long-tailed ones
   (`fashion_mnist_lt/...`) also get the many / medium / few-shot scores."""
   if not dataset.startswith(("fashion_mnist_idx", "fashion_mnist_lt/",
-                             "biased_fashion_mnist/")):
+                             "biased_fashion_mnist/",
+                             "open_world/fashion_mnist")):
     raise ValueError(f"dataset must be a Fashion-MNIST builder "
-                     f"(fashion_mnist_idx, fashion_mnist_lt/if10|if50|if100),"
-                     f" got {dataset!r}.")
+                     f"(fashion_mnist_idx, fashion_mnist_lt/if10|if50|if100,"
+                     f" open_world/fashion_mnist_seen5_labeled50), got "
+                     f"{dataset!r}.")
   config.input.dataset = dataset
   if dataset.startswith("fashion_mnist_lt/"):
     config.linear_eval.long_tail_thresholds = FASHION_MNIST_LT_THRESHOLDS
@@ -140,7 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.momentum = dict(base=0.99, schedule="cosine", queue_size=0,
                          class_queue_size=8, bank_update_rate=1.0,
                          bank_clusters=10_000, bank_cluster_every_epochs=1.0,
-                         bank_kmeans_iterations=10)
+                         bank_kmeans_iterations=10,
+                         # OpenCon's prototypes' EMA momentum.
+                         prototype_momentum=0.9)
 
   # IFND (contrastive/pseudo_labels.py): every `refresh_every_epochs` the
   # training set is embedded and clustered by spherical k-means at each k

@@ -61,6 +61,10 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   and their Sobel derivatives, each its own encoder;
                   in-batch negatives, tau 0.2; the probe reads both
                   encoders' features (256-d)
+  opencon         OpenCon (Sun & Li 2023) on open_world/fashion_mnist_seen5_
+                  labeled50 (classes 0-4 seen, half of them labelled);
+                  scored by clustering accuracy, all / seen / novel
+                  (clustering_eval.json)
   interclr        InterCLR (Xie et al. 2022): 0.75 moco + 0.25 MarginNCE
                   (margin -0.5) of each view against a random bank row of
                   its k-means cluster (500 clusters of a 60k-row memory bank,
@@ -90,7 +94,7 @@ from configs import common
 METHODS = ("supcon", "simclr", "dcl", "dclw", "eps_supinfonce", "eps_supcon",
            "esupcon", "unicon", "fnc", "fn_removal", "bregman", "excon",
            "moco", "mochi", "sce", "relic", "renyicl", "paco", "gpaco",
-           "rescom", "cmc", "ifnd", "interclr")
+           "rescom", "cmc", "ifnd", "interclr", "opencon")
 
 def get_config(arg=None):
   # A second key picks the Fashion-MNIST builder, e.g.
@@ -173,6 +177,16 @@ def get_config(arg=None):
     config.loss.kwargs = dict(alpha=0.05, beta=1.0, gamma=1.0)
     config.model.linear_classes = 10
     config.momentum.update(base=0.99, schedule="cosine", queue_size=4096)
+  elif args.method == "opencon":
+    # Open world: classes 0-4 seen, half their images labelled; classes 5-9
+    # novel and unlabelled. The official CIFAR-100 weights and temperatures.
+    args.dataset = args.dataset or "open_world/fashion_mnist_seen5_labeled50"
+    config.loss.update(name="opencon", temperature=0.4, use_labels=False)
+    config.loss.kwargs = dict(num_seen=5, labeled_ratio=0.5,
+                              supcon_temperature=0.1, semicon_temperature=0.7,
+                              w_simclr=1.0, w_supcon=0.2, w_semicon=0.1,
+                              w_ent=0.05)
+    config.momentum.prototype_momentum = 0.9
   elif args.method == "interclr":
     # moco's setting plus a 60k-row memory bank (each image's newest key),
     # k-means of it into 500 clusters every epoch (about InterCLR's 128

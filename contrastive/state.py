@@ -34,10 +34,17 @@ def _init_momentum(model, variables, images, rng, momentum_encoder: bool,
                    queue_size: int | None,
                    class_queue: tuple[int, int] | None = None,
                    pseudo_label_table: int | None = None,
-                   memory_bank: int | None = None
+                   memory_bank: int | None = None,
+                   prototypes: int | None = None
                    ) -> dict[str, Any]:
   """The key encoder (a copy of the online one) and the queues, as asked."""
   state = {}
+  if prototypes is not None:
+    # OpenCon's class prototypes (seen and novel), moved by EMA, not by
+    # gradient: random unit vectors at the start.
+    dim = model.apply(variables, images, train=False)["embedding"].shape[-1]
+    state["prototypes"] = momentum_lib.init_queue(
+        prototypes, dim, jax.random.fold_in(rng, 4)).keys
   if memory_bank is not None:
     # InterCLR: a feature per training image (random unit vectors until the
     # image is first seen) and its k-means cluster (-1: none yet).
@@ -71,7 +78,8 @@ def _init_fn(model, tx: optax.GradientTransformation,
              momentum_encoder: bool = False, queue_size: int | None = None,
              class_queue: tuple[int, int] | None = None,
              pseudo_label_table: int | None = None,
-             memory_bank: int | None = None):
+             memory_bank: int | None = None,
+             prototypes: int | None = None):
   def init(rng):
     images = jnp.zeros((2, *image_shape), jnp.float32)
     variables = model.init(rng, images, train=False)
@@ -89,7 +97,7 @@ def _init_fn(model, tx: optax.GradientTransformation,
                                               momentum_encoder, queue_size,
                                               class_queue,
                                               pseudo_label_table,
-                                              memory_bank))
+                                              memory_bank, prototypes))
   return init
 
 
@@ -100,7 +108,8 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        queue_size: int | None = None,
                        class_queue: tuple[int, int] | None = None,
                        pseudo_label_table: int | None = None,
-                       memory_bank: int | None = None
+                       memory_bank: int | None = None,
+                       prototypes: int | None = None
                        ) -> TrainState:
   """Initialises the state directly into its sharding (`state_sharding`).
 
@@ -111,11 +120,12 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
   with `queue_size` (an int, 0 allowed), a queue of that many random keys;
   with `class_queue` (num_classes, per_class), ResCom's class queue; with
   `pseudo_label_table` (the number of training images), IFND's table; with
-  `memory_bank` (likewise), InterCLR's bank and clusters, row-sharded.
+  `memory_bank` (likewise), InterCLR's bank and clusters, row-sharded;
+  with `prototypes` (a number of classes), OpenCon's prototypes.
   """
   init = _init_fn(model, tx, image_shape, probe_tx, num_classes,
                   momentum_encoder, queue_size, class_queue,
-                  pseudo_label_table, memory_bank)
+                  pseudo_label_table, memory_bank, prototypes)
   shardings = jax.tree_util.tree_map_with_path(
       functools.partial(sharding.state_sharding, mesh),
       jax.eval_shape(init, rng))
@@ -129,13 +139,14 @@ def abstract_train_state(model, tx: optax.GradientTransformation,
                          queue_size: int | None = None,
                          class_queue: tuple[int, int] | None = None,
                          pseudo_label_table: int | None = None,
-                         memory_bank: int | None = None
+                         memory_bank: int | None = None,
+                         prototypes: int | None = None
                          ) -> TrainState:
   """`ShapeDtypeStruct`s with shardings: the restore target for checkpoints."""
   abstract = jax.eval_shape(
       _init_fn(model, tx, image_shape, probe_tx, num_classes,
                momentum_encoder, queue_size, class_queue,
-               pseudo_label_table, memory_bank),
+               pseudo_label_table, memory_bank, prototypes),
       jax.random.key(0))
   return jax.tree_util.tree_map_with_path(
       lambda path, x: jax.ShapeDtypeStruct(

@@ -20,6 +20,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tensorflow as tf
 
@@ -37,10 +38,12 @@ from contrastive import sharding
 from contrastive import state as state_lib
 from contrastive import training_loop
 from contrastive.data import input_pipeline
+from contrastive.evaluation import clustering
 from contrastive.evaluation import linear
 from contrastive.evaluation import online
 from contrastive.losses import excon
 from contrastive.losses import moco
+from contrastive.losses import opencon
 from contrastive.losses import unicon
 
 
@@ -160,6 +163,15 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
     momentum_inputs["memory_bank"] = state.momentum["memory_bank"]
   if "bank_clusters" in needs:
     momentum_inputs["bank_clusters"] = state.momentum["bank_clusters"]
+  if "open_labels" in needs:
+    if "open_label" not in batch:
+      raise ValueError(
+          f"Loss {loss_config.name!r} needs partial labels: train on an "
+          "open-world dataset (e.g. input.dataset='open_world/"
+          "fashion_mnist_seen5_labeled50').")
+    momentum_inputs["open_labels"] = batch["open_label"]
+  if "prototypes" in needs:
+    momentum_inputs["prototypes"] = state.momentum["prototypes"]
   if "pseudo_labels" in needs:
     table = state.momentum["pseudo_labels"][index]
     # Images without an accepted pseudo-label get ids of their own
@@ -265,6 +277,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                   else jnp.repeat(batch["label"], key_views))
     new_momentum["queue"] = momentum_lib.enqueue(
         state.momentum["queue"], new_keys, new_labels)
+  if "prototypes" in new_momentum:
+    # OpenCon's prototypes follow the batch by EMA, after the step.
+    new_momentum["prototypes"] = opencon.update_prototypes(
+        state.momentum["prototypes"], embeddings, batch["open_label"],
+        num_seen=loss_config.kwargs["num_seen"],
+        momentum=momentum_config.prototype_momentum)
   if "memory_bank" in new_momentum:
     # InterCLR's bank row of each image: its key (view 0) blended in.
     new_momentum["memory_bank"] = momentum_lib.update_bank(
@@ -311,7 +329,8 @@ def _momentum_state_spec(config: ml_collections.ConfigDict,
               class_queue=class_queue,
               pseudo_label_table=(num_train if "pseudo_labels" in needs
                                   else None),
-              memory_bank=num_train if "memory_bank" in needs else None)
+              memory_bank=num_train if "memory_bank" in needs else None,
+              prototypes=num_classes if "prototypes" in needs else None)
 
 
 def _restore_or_create(config: ml_collections.ConfigDict, workdir: str,
@@ -345,6 +364,32 @@ def evaluate_prototypes(config: ml_collections.ConfigDict, model, state,
   return linear.evaluate_classifier_logits(
       config, mesh, lambda x: logits_fn(variables, x),
       int(jax.device_get(state.step)))
+
+
+def evaluate_open_world(config: ml_collections.ConfigDict, model, state,
+                        mesh) -> dict[str, Any]:
+  """OpenCon's clustering accuracy: each test image goes to its nearest
+  prototype; all / seen / novel accuracy by ORCA's protocol (Hungarian
+  matching; `contrastive/evaluation/clustering.py`) on `linear_eval`'s test
+  split. Classes 0 .. num_seen - 1 are the seen ones."""
+  embed = jax.jit(
+      lambda variables, x: model.apply(variables, x, train=False)[
+          "embedding"],
+      out_shardings=sharding.batch_sharding(mesh))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  dataset = config.linear_eval.dataset or config.input.dataset
+  embeddings, labels = linear.extract(config, dataset,
+                                      config.linear_eval.test_split, mesh,
+                                      lambda x: embed(variables, x))
+  prototypes = np.asarray(jax.device_get(state.momentum["prototypes"]))
+  predictions = np.argmax(embeddings @ prototypes.T, axis=-1)
+  num_seen = config.loss.kwargs["num_seen"]
+  scores = clustering.open_world_accuracy(predictions, labels,
+                                          range(num_seen))
+  return {**{f"{name}_top1": float(value) for name, value in scores.items()},
+          "dataset": dataset, "split": config.linear_eval.test_split,
+          "num_test": int(labels.shape[0]), "num_seen": num_seen,
+          "step": int(jax.device_get(state.step))}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -471,6 +516,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       with tf.io.gfile.GFile(os.path.join(workdir, "classifier_eval.json"),
                              "w") as f:
         json.dump(result["classifier"], f, indent=2)
+  if not preempted and "prototypes" in state.momentum:
+    # OpenCon is scored by clustering the test images with its prototypes.
+    with jax.set_mesh(mesh):
+      result["clustering"] = evaluate_open_world(config, model, state, mesh)
+    logging.info("Open-world clustering accuracy: %s", result["clustering"])
+    logger.writer.write_scalars(result["step"], {
+        f"clustering/{name}": result["clustering"][f"{name}_top1"]
+        for name in ("all", "seen", "novel")})
+    if jax.process_index() == 0:
+      with tf.io.gfile.GFile(os.path.join(workdir, "clustering_eval.json"),
+                             "w") as f:
+        json.dump(result["clustering"], f, indent=2)
   if not preempted and config.linear_eval.enabled:
     with jax.set_mesh(mesh):
       result["linear_eval"] = linear.evaluate(

@@ -52,7 +52,8 @@ def _setup(config, mesh, total_steps=10, loss_options=None):
       class_queue=((config.model.linear_classes,
                     config.momentum.class_queue_size)
                    if "class_queue" in needs else None),
-      memory_bank=BANK_ROWS if "memory_bank" in needs else None)
+      memory_bank=BANK_ROWS if "memory_bank" in needs else None,
+      prototypes=4 if "prototypes" in needs else None)
   step = jax.jit(functools.partial(
       train.train_step, model=model, tx=tx,
       loss_fn=functools.partial(losses.get_with_metrics(config.loss.name),
@@ -359,3 +360,42 @@ def test_interclr_bank_follows_the_keys_and_shards_its_rows():
   np.testing.assert_allclose(bank1[only_first],
                              keys[[where[row] for row in only_first]],
                              rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_opencon_moves_its_prototypes_and_eight_devices_equal_one():
+  from contrastive.losses import opencon  # pylint: disable=g-import-not-at-top
+  config = _config("opencon")
+  config.loss.kwargs = dict(num_seen=2, labeled_ratio=0.5)
+  batches = _batches(2, seed=8)
+  rng = np.random.default_rng(8)
+  for batch in batches:
+    # Classes 0-1 seen, about half of them labelled; 2-3 novel.
+    labelled = (batch["label"] < 2) & (rng.uniform(size=BATCH) < 0.5)
+    batch["open_label"] = np.where(labelled, batch["label"], -1).astype(
+        np.int32)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  model, initial, step = _setup(config, mesh)
+  initial = jax.device_get(initial)
+  assert initial.momentum["prototypes"].shape == (4, 16)
+  with jax.set_mesh(mesh):
+    state, metrics = step(initial, sharding.make_global_batch(mesh,
+                                                              batches[0]))
+  outputs, _ = model.apply(
+      {"params": initial.params, "batch_stats": initial.batch_stats},
+      batches[0]["image"].reshape(BATCH * 2, *IMAGE_SHAPE), train=True,
+      mutable=["batch_stats"])
+  z = np.asarray(outputs["embedding"]).reshape(BATCH, 2, -1)
+  expected = opencon.update_prototypes(
+      initial.momentum["prototypes"], z, batches[0]["open_label"],
+      num_seen=2, momentum=config.momentum.prototype_momentum)
+  np.testing.assert_allclose(jax.device_get(state.momentum["prototypes"]),
+                             expected, rtol=1e-4, atol=1e-5)
+  assert np.isfinite(metrics["loss"])
+  one = _run(config, mesh, batches)
+  eight = _run(config, sharding.make_mesh(), batches)
+  for m1, m8 in zip(one[1], eight[1]):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(eight[0].momentum["prototypes"],
+                             one[0].momentum["prototypes"], rtol=1e-4,
+                             atol=1e-5)

@@ -36,6 +36,7 @@ from contrastive.data import device_augment
 from contrastive.data import biased_fashion_mnist
 from contrastive.data import fashion_mnist
 from contrastive.data import long_tail
+from contrastive.data import open_world
 
 # Builders whose source files are local: preparing them is cheap and needs no
 # network, so it happens on first use instead of being a manual step.
@@ -43,11 +44,13 @@ from contrastive.data import long_tail
 # to prepare that if it is missing.)
 _LOCAL_BUILDERS = (fashion_mnist.FashionMnistIdx,
                    biased_fashion_mnist.BiasedFashionMnist,
-                   long_tail.FashionMnistLt, long_tail.CifarLt)
+                   long_tail.FashionMnistLt, long_tail.CifarLt,
+                   open_world.OpenWorld)
 
 # Integer features carried into batches (as int32) when a dataset has them:
-# the class, and the bias attribute that debiasing losses (FairKL) need.
-_LABEL_KEYS = ("label", "bias_label")
+# the class, the bias attribute that debiasing losses (FairKL) need, and the
+# open-world label (-1: unlabelled) that open-world losses read.
+_LABEL_KEYS = ("label", "bias_label", "open_label")
 # The example's position in its split, carried into batches on request
 # (`input.example_index`, `eval_dataset(with_index=True)`): what methods that
 # keep a state per training image (IFND's pseudo-labels, InterCLR's memory

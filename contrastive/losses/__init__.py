@@ -61,6 +61,7 @@ from contrastive.losses import fnc
 from contrastive.losses import ifnd
 from contrastive.losses import interclr
 from contrastive.losses import moco
+from contrastive.losses import opencon
 from contrastive.losses import paco
 from contrastive.losses import rescom
 from contrastive.losses import supcon
@@ -96,6 +97,7 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
     "rescom": (rescom.rescom, rescom.rescom_with_metrics),
     "cmc": (cmc.cmc, cmc.cmc_with_metrics),
     "interclr": (interclr.interclr, interclr.interclr_with_metrics),
+    "opencon": (opencon.opencon, opencon.opencon_with_metrics),
 }
 
 # Inputs beyond (z, labels) that a loss takes as keyword arguments, which the
@@ -122,10 +124,14 @@ _REGISTRY: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
 # "memory_bank" (float[N, dim] L2-normalised feature of every training image,
 # replicated), "bank_clusters" (int32[N] each row's online k-means cluster,
 # -1 not clustered yet) and "index" (int32[batch] each sample's bank row).
+# OpenCon takes "open_labels" (int32[batch]: the class of each labelled
+# image, -1 for unlabelled ones) and "prototypes" (float[K, dim] EMA class
+# prototypes, replicated, kept with `opencon.update_prototypes`).
 EXTRA_INPUTS = ("features", "bias_labels", "prototype_cosines", "universum",
                 "bregman_phi", "explanations", "keys", "queue", "rng",
                 "step", "queue_labels", "class_logits", "class_queue",
-                "pseudo_labels", "memory_bank", "bank_clusters", "index")
+                "pseudo_labels", "memory_bank", "bank_clusters", "index",
+                "open_labels", "prototypes")
 _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "fairkl": ("features", "bias_labels"),
     "esupcon": ("prototype_cosines",),
@@ -143,6 +149,7 @@ _EXTRA_INPUTS: dict[str, tuple[str, ...]] = {
     "ifnd": ("pseudo_labels",),
     "interclr": ("keys", "queue", "rng", "memory_bank", "bank_clusters",
                  "index"),
+    "opencon": ("open_labels", "prototypes"),
 }
 
 
