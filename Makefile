@@ -9,7 +9,8 @@ FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 SIMULATED_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: venv data smoke table table-biased table-lt test test-fast clean
+.PHONY: venv data smoke table table-biased table-lt table-open-world test \
+	test-fast clean
 
 venv: $(VENV)/.installed
 
@@ -53,6 +54,11 @@ table-biased: venv data
 table-lt: venv data
 	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m contrastive.result_table \
 	  --table=fashion_mnist_lt --workdir=$(WORKDIR)/table_lt \
+	  --data_dir=$(WORKDIR)/tensorflow_datasets --out=results
+
+table-open-world: venv data
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m contrastive.result_table \
+	  --table=open_world --workdir=$(WORKDIR)/table_open_world \
 	  --data_dir=$(WORKDIR)/tensorflow_datasets --out=results
 
 test: venv data

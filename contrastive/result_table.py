@@ -130,6 +130,14 @@ ROWS = {
                 "configs/smoke_fashion_mnist.py:paco"),
     "gpaco": Row("GPaCo", "class centres + batch + queue, no key encoder",
                  "configs/smoke_fashion_mnist.py:gpaco"),
+    "cmc": Row("CMC", "intensities vs Sobel derivatives, an encoder each, "
+               "tau 0.2", "configs/smoke_fashion_mnist.py:cmc"),
+    "ifnd": Row("IFND", "NT-Xent without k-means false negatives (k 10 and "
+                "30, accepted fraction 0 to 1), tau 0.2",
+                "configs/smoke_fashion_mnist.py:ifnd"),
+    "interclr": Row("InterCLR", "0.75 MoCo + 0.25 MarginNCE vs a clustered "
+                    "60k memory bank", "configs/smoke_fashion_mnist.py:"
+                    "interclr"),
 }
 
 
@@ -144,6 +152,8 @@ class Table:
   # Long-tailed training sets: many / medium / few-shot columns for the
   # linear probe and the model's own classifier.
   long_tail: bool = False
+  # Open-world training sets: the all / seen / novel clustering accuracy.
+  clustering: bool = False
 
 
 _BIASED_ROWS = {}
@@ -170,6 +180,12 @@ _LT_ROWS = {
     "rescom": Row("ResCom", "Balanced Softmax + class-balanced SupCon, "
                   "hard mining from 10 keys per class",
                   "configs/smoke_fashion_mnist.py:rescom"),
+}
+
+_OPEN_WORLD_ROWS = {
+    "opencon": Row("OpenCon", "SimCLR + SupCon (labelled) + prototype "
+                   "pseudo-labels (novel), EMA prototypes",
+                   "configs/smoke_fashion_mnist.py:opencon"),
 }
 
 TABLES = {
@@ -208,6 +224,17 @@ TABLES = {
         "Softmax, PaCo's with the log prior). Training time excludes "
         "compilation and the online evaluation.",
         _LT_ROWS, epochs=5.0, make_target="table-lt", long_tail=True),
+    "open_world": Table(
+        "Open-world Fashion-MNIST, CPU: clustering accuracy of novel classes",
+        "Training split: `open_world/fashion_mnist_seen5_labeled50`, classes "
+        "0-4 seen with half their images labelled, classes 5-9 novel and "
+        "unlabelled; test: the 10k images. Clustering accuracy (ORCA's "
+        "protocol): each test image goes to its nearest prototype; all and "
+        "novel are Hungarian-matched, seen is plain accuracy. Encoder, batch "
+        "and input as the Fashion-MNIST table; the linear probe and kNN use "
+        "every training label (an upper reference, not the open-world "
+        "metric).", _OPEN_WORLD_ROWS, epochs=5.0,
+        make_target="table-open-world", clustering=True),
 }
 
 
@@ -284,6 +311,9 @@ def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
       "classifier_top1": (_read_json(classifier_path)["top1"]
                           if os.path.exists(classifier_path) else None),
       "linear_long_tail": evaluation.get("long_tail"),
+      "clustering": (_read_json(os.path.join(workdir, "clustering_eval.json"))
+                     if os.path.exists(os.path.join(
+                         workdir, "clustering_eval.json")) else None),
       "classifier_long_tail": (
           _read_json(classifier_path).get("long_tail")
           if os.path.exists(classifier_path) else None),
@@ -319,22 +349,30 @@ def markdown(results: list[dict], total_seconds: float,
              table: Table = TABLES["fashion_mnist"]) -> str:
   shot_columns = (" linear many / medium / few | own classifier many / "
                   "medium / few |" if table.long_tail else "")
+  if table.clustering:
+    shot_columns += " clustering all / seen / novel |"
   header = (f"| method | objective | {table.linear_column} | "
             "kNN top-1 (k=20) | "
             "kNN top-1 (k=200) | own classifier top-1 | epochs | "
             "training time | run time (with evaluation) |" + shot_columns)
-  columns = 11 if table.long_tail else 9
+  columns = 9 + 2 * table.long_tail + table.clustering
   lines = [header, "|---" * columns + "|"]
   for raw in (r[RAW_PIXELS] for r in results if RAW_PIXELS in r):
     lines.append(
         f"| Raw pixels ({raw['feature_dim']}-d), no training | - | "
         f"{_percent(raw['top1'])} | {_percent(raw.get('knn20_top1'))} | "
         f"{_percent(raw.get('knn200_top1'))} | - | - | - | - |"
-        + (" - | - |" if table.long_tail else ""))
+        + (" - | - |" if table.long_tail else "")
+        + (" - |" if table.clustering else ""))
   for r in results:
     shots = (f" {_shots(r.get('linear_long_tail'))} | "
              f"{_shots(r.get('classifier_long_tail'))} |"
              if table.long_tail else "")
+    if table.clustering:
+      found = r.get("clustering") or {}
+      shots += " " + (" / ".join(_percent(found.get(f"{name}_top1"))
+                                 for name in ("all", "seen", "novel"))
+                      if found else "-") + " |"
     lines.append(
         f"| {r['label']} | {r['loss']} | {_percent(r['linear_top1'])} | "
         f"{_percent(r['knn20_top1'])} | {_percent(r['knn200_top1'])} | "

@@ -148,3 +148,15 @@ def test_long_tailed_table_adds_many_medium_few_columns():
   assert lines[1].endswith("| 90.00 / 70.00 / 55.00 | 80.00 / 65.00 / - |")
   # The balanced tables keep their nine columns.
   assert "many" not in result_table.markdown([_result("a", 0.5, [])], 1)
+
+
+def test_open_world_table_adds_the_clustering_column():
+  result = _result("opencon", 0.8, [])
+  result["clustering"] = {"all_top1": 0.6, "seen_top1": 0.9,
+                          "novel_top1": 0.45}
+  table = result_table.markdown([result], total_seconds=600,
+                                table=result_table.TABLES["open_world"])
+  lines = [line for line in table.splitlines() if line.startswith("| ")]
+  assert lines[0].endswith("| clustering all / seen / novel |")
+  assert "|---" * 10 + "|" in table.splitlines()
+  assert lines[1].endswith("| 60.00 / 90.00 / 45.00 |")
