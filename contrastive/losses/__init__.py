@@ -47,6 +47,13 @@ has no momentum encoder and takes no `keys`. ResCom (`rescom.py`) needs
 labels, `class_queue` float[C, Q, dim] (its class-balanced queue: Q keys per
 class, replicated) and `class_logits`, and no `keys`.
 
+Per-image state: IFND (`ifnd.py`) takes `pseudo_labels` int[batch] (its
+clustering's ids; the SupCon kernel with a positives cap of 0 drops the
+false negatives), InterCLR (`interclr.py`) MoCo's inputs plus the
+`memory_bank`, its `bank_clusters` and the batch's `index`, and OpenCon
+(`opencon.py`) `open_labels` (-1: unlabelled) and `prototypes`; the trainer
+keeps their tables in the train state (`contrastive/pseudo_labels.py`).
+
   loss = losses.get("moco")(z, temperature=0.2, keys=k, queue=queue.keys)
 """
 
