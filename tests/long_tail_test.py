@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import fake_fashion_mnist
+import fake_sources
 from contrastive.data import fashion_mnist
 from contrastive.data import input_pipeline
 from contrastive.data import long_tail
@@ -28,27 +28,6 @@ from contrastive.evaluation import long_tail as lt_eval
 _PER_CLASS = 20  # Train images per class of the fake sources.
 _NUM_TEST = 30
 _IF10_COUNTS = [20, 15, 11, 9, 7, 5, 4, 3, 2, 2]  # int(20 * 10**(-c / 9)).
-_NO_GCS = tfds.download.DownloadConfig(try_download_gcs=False)
-
-
-def _fake_split(rng: np.random.Generator, num_classes: int, per_class: int,
-                shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-  """Distinct random uint8 images, `per_class` per class, shuffled."""
-  labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
-  images = rng.integers(0, 256, (len(labels),) + shape, dtype=np.uint8)
-  return images, labels.astype(np.uint8)
-
-
-def _read(builder: tfds.core.DatasetBuilder, split: str):
-  examples = builder.as_dataset(split=split, batch_size=-1)
-  return tfds.as_numpy(examples)
-
-
-def _source_indices(images: np.ndarray, source_images: np.ndarray):
-  """Each image's index in the source (TFDS stores its own order)."""
-  lookup = {image.tobytes(): i for i, image in enumerate(source_images)}
-  assert len(lookup) == len(source_images), "Test images must be distinct."
-  return np.array([lookup[image.tobytes()] for image in images])
 
 
 # Profile and subset.
@@ -127,13 +106,7 @@ def test_indices_need_every_class():
 @pytest.fixture(scope="module")
 def fashion_source(tmp_path_factory):
   folder = tmp_path_factory.mktemp("fashion_mnist_src")
-  rng = np.random.default_rng(0)
-  data = {"train": _fake_split(rng, 10, _PER_CLASS, (28, 28)),
-          "test": _fake_split(rng, 10, 3, (28, 28))}
-  for split, arrays in data.items():
-    for name, array in zip(fashion_mnist.SPLIT_FILES[split], arrays):
-      fake_fashion_mnist.write_idx(folder / name, array)
-  return str(folder), data
+  return str(folder), fake_sources.write_fashion_mnist(folder, _PER_CLASS, 3)
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +128,10 @@ def test_fashion_mnist_lt_train_has_the_profile(fashion_source,
   assert info.metadata["train_counts"] == _IF10_COUNTS
   assert info.metadata["imbalance"] == 10
   assert "6000, 4645, 3596" in info.description
-  train = _read(builder, "train")
+  train = fake_sources.read(builder, "train")
   images, labels = fashion_source[1]["train"]
   np.testing.assert_array_equal(np.bincount(train["label"]), _IF10_COUNTS)
-  indices = _source_indices(train["image"][..., 0], images)
+  indices = fake_sources.source_indices(train["image"][..., 0], images)
   np.testing.assert_array_equal(train["label"], labels[indices])
   np.testing.assert_array_equal(
       np.sort(indices),
@@ -168,9 +141,9 @@ def test_fashion_mnist_lt_train_has_the_profile(fashion_source,
 def test_fashion_mnist_lt_test_is_the_full_split(fashion_source,
                                                  fashion_data_dir):
   builder = tfds.builder("fashion_mnist_lt/if10", data_dir=fashion_data_dir)
-  test = _read(builder, "test")
+  test = fake_sources.read(builder, "test")
   images, labels = fashion_source[1]["test"]
-  indices = _source_indices(test["image"][..., 0], images)
+  indices = fake_sources.source_indices(test["image"][..., 0], images)
   assert sorted(indices) == list(range(len(images)))
   np.testing.assert_array_equal(test["label"], labels[indices])
 
@@ -205,35 +178,6 @@ def test_fashion_mnist_lt_feeds_the_pretraining_pipeline(fashion_data_dir):
 # cifar_lt.
 
 
-def _fake_cifar_source(base: type[tfds.core.GeneratorBasedBuilder],
-                       data: dict[str, tuple[np.ndarray, np.ndarray]],
-                       names: list[str]) -> type[tfds.core.DatasetBuilder]:
-  """A stand-in for TFDS's `base` (same name, version, features)."""
-
-  with tfds.core.registered.skip_registration():
-
-    class FakeCifar(base):  # pylint: disable=unused-variable
-      name = base.name
-
-      def _split_generators(self, dl_manager):
-        del dl_manager
-        self.info.features["label"].names = names
-        return {split: self._fake_examples(split) for split in data}
-
-      def _fake_examples(self, split):
-        images, labels = data[split]
-        # TFDS stores examples in an order of its own (hashed keys);
-        # cifar_lt must put them back in id order, the source's file order.
-        for index in range(len(labels)):
-          example = {"id": f"{split}_{index:05d}", "image": images[index],
-                     "label": int(labels[index])}
-          if "coarse_label" in self.info.features:
-            example["coarse_label"] = int(labels[index]) % 20
-          yield index, example
-
-  return FakeCifar
-
-
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
   """A data_dir with fake cifar10 / cifar100 and their `if10` LT sets."""
@@ -242,13 +186,13 @@ def cifar(tmp_path_factory):
   sources = {}
   for base, num_classes in ((tfds.image_classification.Cifar10, 10),
                             (tfds.image_classification.Cifar100, 100)):
-    data = {"train": _fake_split(rng, num_classes, _PER_CLASS, (32, 32, 3)),
-            "test": _fake_split(rng, num_classes, 1, (32, 32, 3))}
+    data = {"train": fake_sources.fake_split(rng, num_classes, _PER_CLASS, (32, 32, 3)),
+            "test": fake_sources.fake_split(rng, num_classes, 1, (32, 32, 3))}
     names = [f"fake_{base.name}_{c}" for c in range(num_classes)]
-    _fake_cifar_source(base, data, names)(data_dir=folder).download_and_prepare(
-        download_config=_NO_GCS)
+    fake_sources.fake_cifar_source(base, data, names)(data_dir=folder).download_and_prepare(
+        download_config=fake_sources.NO_GCS)
     tfds.builder(f"cifar_lt/{base.name}_if10",
-                 data_dir=folder).download_and_prepare(download_config=_NO_GCS)
+                 data_dir=folder).download_and_prepare(download_config=fake_sources.NO_GCS)
     sources[base.name] = data, names
   return folder, sources
 
@@ -264,17 +208,17 @@ def test_cifar_lt_has_the_profile_and_full_test(cifar, source, num_classes):
   assert info.features["label"].names == names
   counts = long_tail.long_tail_counts(_PER_CLASS, num_classes, 10)
   assert info.metadata["train_counts"] == counts.tolist()
-  train = _read(builder, "train")
+  train = fake_sources.read(builder, "train")
   np.testing.assert_array_equal(np.bincount(train["label"]), counts)
   images, labels = data["train"]
-  indices = _source_indices(train["image"], images)
+  indices = fake_sources.source_indices(train["image"], images)
   np.testing.assert_array_equal(train["label"], labels[indices])
   # The subset of the source in its file (id) order.
   np.testing.assert_array_equal(
       np.sort(indices),
       long_tail.long_tail_indices(labels, 10, long_tail.SEED))
-  test = _read(builder, "test")
-  indices = _source_indices(test["image"], data["test"][0])
+  test = fake_sources.read(builder, "test")
+  indices = fake_sources.source_indices(test["image"], data["test"][0])
   assert sorted(indices) == list(range(num_classes))
   np.testing.assert_array_equal(test["label"], data["test"][1][indices])
 
@@ -282,7 +226,7 @@ def test_cifar_lt_has_the_profile_and_full_test(cifar, source, num_classes):
 def test_cifar_lt_without_source_names_the_build_command(tmp_path):
   builder = tfds.builder("cifar_lt/cifar100_if50", data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError) as error:
-    builder.download_and_prepare(download_config=_NO_GCS)
+    builder.download_and_prepare(download_config=fake_sources.NO_GCS)
   assert f"`tfds build cifar100 --data_dir={tmp_path}`" in str(error.value)
 
 
@@ -342,7 +286,6 @@ def test_empty_groups_are_none():
   assert result["medium_top1"] is None and result["few_top1"] is None
   with pytest.raises(ValueError, match="Labels must be in"):
     lt_eval.shot_accuracies(np.array([0]), np.array([3]), [200, 50, 10])
-
 
 
 def test_pipeline_prepares_cifar_lt_on_first_use_or_says_what_is_missing(

@@ -16,35 +16,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import fake_fashion_mnist
+import fake_sources
 from contrastive.data import fashion_mnist
 from contrastive.data import input_pipeline
 from contrastive.data import open_world
 
 _PER_CLASS = 12  # Train images per class of the fake sources.
 _TEST_PER_CLASS = 3
-_NO_GCS = tfds.download.DownloadConfig(try_download_gcs=False)
 _FASHION = "open_world/fashion_mnist_seen5_labeled50"
-
-
-def _fake_split(rng: np.random.Generator, num_classes: int, per_class: int,
-                shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-  """Distinct random uint8 images, `per_class` per class, shuffled."""
-  labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
-  images = rng.integers(0, 256, (len(labels),) + shape, dtype=np.uint8)
-  return images, labels.astype(np.uint8)
-
-
-def _read(builder: tfds.core.DatasetBuilder, split: str):
-  examples = builder.as_dataset(split=split, batch_size=-1)
-  return tfds.as_numpy(examples)
-
-
-def _source_indices(images: np.ndarray, source_images: np.ndarray):
-  """Each image's index in the source (TFDS stores its own order)."""
-  lookup = {image.tobytes(): i for i, image in enumerate(source_images)}
-  assert len(lookup) == len(source_images), "Test images must be distinct."
-  return np.array([lookup[image.tobytes()] for image in images])
 
 
 def _check_train(train, source_images, source_labels, seen: int,
@@ -59,7 +38,7 @@ def _check_train(train, source_images, source_labels, seen: int,
   assert (train["open_label"][~labeled] == open_world.UNLABELED).all()
   # Every source image once, with its true label, and the labelled ones
   # those `labeled_indices` picks from the source in its file order.
-  indices = _source_indices(train["image"], source_images)
+  indices = fake_sources.source_indices(train["image"], source_images)
   assert sorted(indices) == list(range(len(source_labels)))
   np.testing.assert_array_equal(train["label"], source_labels[indices])
   np.testing.assert_array_equal(
@@ -70,7 +49,7 @@ def _check_train(train, source_images, source_labels, seen: int,
 
 def _check_test(test, source_images, source_labels):
   assert (test["open_label"] == open_world.UNLABELED).all()
-  indices = _source_indices(test["image"], source_images)
+  indices = fake_sources.source_indices(test["image"], source_images)
   assert sorted(indices) == list(range(len(source_labels)))
   np.testing.assert_array_equal(test["label"], source_labels[indices])
 
@@ -133,13 +112,8 @@ def test_configs():
 @pytest.fixture(scope="module")
 def fashion_source(tmp_path_factory):
   folder = tmp_path_factory.mktemp("fashion_mnist_src")
-  rng = np.random.default_rng(0)
-  data = {"train": _fake_split(rng, 10, _PER_CLASS, (28, 28)),
-          "test": _fake_split(rng, 10, _TEST_PER_CLASS, (28, 28))}
-  for split, arrays in data.items():
-    for name, array in zip(fashion_mnist.SPLIT_FILES[split], arrays):
-      fake_fashion_mnist.write_idx(folder / name, array)
-  return str(folder), data
+  return str(folder), fake_sources.write_fashion_mnist(folder, _PER_CLASS,
+                                                       _TEST_PER_CLASS)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +137,7 @@ def test_fashion_mnist_train_follows_the_protocol(fashion_source,
                                  "labeled_fraction": 0.5,
                                  "seed": open_world.SEED}
   assert "3000 of the 6000" in info.description
-  train = _read(builder, "train")
+  train = fake_sources.read(builder, "train")
   images, labels = fashion_source[1]["train"]
   train["image"] = train["image"][..., 0]
   _check_train(train, images, labels, seen=5, num_classes=10)
@@ -172,7 +146,7 @@ def test_fashion_mnist_train_follows_the_protocol(fashion_source,
 def test_fashion_mnist_test_is_the_full_split_unlabelled(fashion_source,
                                                          fashion_data_dir):
   builder = tfds.builder(_FASHION, data_dir=fashion_data_dir)
-  test = _read(builder, "test")
+  test = fake_sources.read(builder, "test")
   test["image"] = test["image"][..., 0]
   _check_test(test, *fashion_source[1]["test"])
 
@@ -210,35 +184,6 @@ def test_pretraining_batches_carry_open_label(fashion_data_dir):
 # CIFAR.
 
 
-def _fake_cifar_source(base: type[tfds.core.GeneratorBasedBuilder],
-                       data: dict[str, tuple[np.ndarray, np.ndarray]],
-                       names: list[str]) -> type[tfds.core.DatasetBuilder]:
-  """A stand-in for TFDS's `base` (same name, version, features)."""
-
-  with tfds.core.registered.skip_registration():
-
-    class FakeCifar(base):  # pylint: disable=unused-variable
-      name = base.name
-
-      def _split_generators(self, dl_manager):
-        del dl_manager
-        self.info.features["label"].names = names
-        return {split: self._fake_examples(split) for split in data}
-
-      def _fake_examples(self, split):
-        images, labels = data[split]
-        # TFDS stores examples in an order of its own (hashed keys);
-        # open_world must put them back in id order, the source's order.
-        for index in range(len(labels)):
-          example = {"id": f"{split}_{index:05d}", "image": images[index],
-                     "label": int(labels[index])}
-          if "coarse_label" in self.info.features:
-            example["coarse_label"] = int(labels[index]) % 20
-          yield index, example
-
-  return FakeCifar
-
-
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
   """A data_dir with fake cifar10 / cifar100 and their open-world sets."""
@@ -248,11 +193,11 @@ def cifar(tmp_path_factory):
   for base, num_classes, seen in (
       (tfds.image_classification.Cifar10, 10, 5),
       (tfds.image_classification.Cifar100, 100, 50)):
-    data = {"train": _fake_split(rng, num_classes, _PER_CLASS, (32, 32, 3)),
-            "test": _fake_split(rng, num_classes, 1, (32, 32, 3))}
+    data = {"train": fake_sources.fake_split(rng, num_classes, _PER_CLASS, (32, 32, 3)),
+            "test": fake_sources.fake_split(rng, num_classes, 1, (32, 32, 3))}
     names = [f"fake_{base.name}_{c}" for c in range(num_classes)]
-    _fake_cifar_source(base, data, names)(data_dir=folder).download_and_prepare(
-        download_config=_NO_GCS)
+    fake_sources.fake_cifar_source(base, data, names)(data_dir=folder).download_and_prepare(
+        download_config=fake_sources.NO_GCS)
     # Through the pipeline: prepared on first use from the prepared source.
     input_pipeline.dataset_info(
         f"open_world/{base.name}_seen{seen}_labeled50", folder)
@@ -272,9 +217,9 @@ def test_cifar_follows_the_protocol(cifar, source, num_classes, seen):
   assert info.features["label"].names == names
   assert info.metadata["seen_classes"] == list(range(seen))
   assert info.metadata["labeled_fraction"] == 0.5
-  _check_train(_read(builder, "train"), *data["train"], seen=seen,
+  _check_train(fake_sources.read(builder, "train"), *data["train"], seen=seen,
                num_classes=num_classes)
-  _check_test(_read(builder, "test"), *data["test"])
+  _check_test(fake_sources.read(builder, "test"), *data["test"])
 
 
 def test_cifar_without_source_names_the_build_command(tmp_path):

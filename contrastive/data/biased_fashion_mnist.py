@@ -198,14 +198,7 @@ class BiasedFashionMnist(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
-    folder = fashion_mnist.source_dir()
-    missing = [name for pair in fashion_mnist.SPLIT_FILES.values()
-               for name in pair if not (folder / name).exists()]
-    if missing:
-      # The same files as fashion_mnist_idx: the same advice on getting them.
-      # pylint: disable-next=protected-access
-      message = fashion_mnist._missing_files_message(folder, missing)
-      raise FileNotFoundError(message)
+    folder = fashion_mnist.checked_source_dir()
     return {split: self._generate_examples(folder, split)
             for split in fashion_mnist.SPLIT_FILES}
 

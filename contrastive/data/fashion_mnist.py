@@ -49,6 +49,17 @@ def source_dir() -> epath.Path:
   return epath.Path(os.environ.get(ENV_VAR) or DEFAULT_DIR)
 
 
+def checked_source_dir() -> epath.Path:
+  """`source_dir()`, after checking that it holds the four IDX files (the
+  builders derived from Fashion-MNIST share this advice on getting them)."""
+  folder = source_dir()
+  missing = [name for pair in SPLIT_FILES.values() for name in pair
+             if not (folder / name).exists()]
+  if missing:
+    raise FileNotFoundError(_missing_files_message(folder, missing))
+  return folder
+
+
 def _missing_files_message(folder: epath.Path, missing: list[str]) -> str:
   all_files = [name for pair in SPLIT_FILES.values() for name in pair]
   where = (f"${ENV_VAR}={folder}" if os.environ.get(ENV_VAR) else
@@ -145,11 +156,7 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
-    folder = source_dir()
-    missing = [name for pair in SPLIT_FILES.values() for name in pair
-               if not (folder / name).exists()]
-    if missing:
-      raise FileNotFoundError(_missing_files_message(folder, missing))
+    folder = checked_source_dir()
     return {split: self._generate_examples(folder, split)
             for split in SPLIT_FILES}
 

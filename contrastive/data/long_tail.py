@@ -81,7 +81,7 @@ _CITATION = """\
 }
 """
 
-_CIFAR_CITATION = """\
+CIFAR_CITATION = """\
 @techreport{krizhevsky2009learning,
   title       = {Learning Multiple Layers of Features from Tiny Images},
   author      = {Krizhevsky, Alex},
@@ -89,6 +89,19 @@ _CIFAR_CITATION = """\
   year        = {2009},
 }
 """
+
+
+def checked_labels(labels, num_classes: int | None
+                   ) -> tuple[np.ndarray, int]:
+  """(labels as an array, num_classes, by default max + 1), or a
+  ValueError if a label is outside [0, num_classes)."""
+  labels = np.asarray(labels)
+  if num_classes is None:
+    num_classes = int(labels.max()) + 1 if labels.size else 0
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"Labels must be in [0, {num_classes}); got "
+                     f"[{labels.min()}, {labels.max()}].")
+  return labels, num_classes
 
 
 def long_tail_counts(max_count: int, num_classes: int,
@@ -147,12 +160,7 @@ def long_tail_indices(labels: np.ndarray, imbalance: float, seed: int, *,
   Raises:
     ValueError: if a class has no example or a label is out of range.
   """
-  labels = np.asarray(labels)
-  if num_classes is None:
-    num_classes = int(labels.max()) + 1 if labels.size else 0
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"Labels must be in [0, {num_classes}); got "
-                     f"[{labels.min()}, {labels.max()}].")
+  labels, num_classes = checked_labels(labels, num_classes)
   sizes = np.bincount(labels.astype(np.int64), minlength=num_classes)
   if num_classes and sizes.min() == 0:
     raise ValueError(f"Class {int(np.argmin(sizes))} has no example; a "
@@ -248,14 +256,7 @@ class FashionMnistLt(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
-    folder = fashion_mnist.source_dir()
-    missing = [name for pair in fashion_mnist.SPLIT_FILES.values()
-               for name in pair if not (folder / name).exists()]
-    if missing:
-      # The same files as fashion_mnist_idx: the same advice on getting them.
-      # pylint: disable-next=protected-access
-      message = fashion_mnist._missing_files_message(folder, missing)
-      raise FileNotFoundError(message)
+    folder = fashion_mnist.checked_source_dir()
     images, labels = fashion_mnist.read_split(folder, "train")
     imbalance = self.builder_config.imbalance
     num_classes = len(fashion_mnist.CLASS_NAMES)
@@ -346,7 +347,7 @@ class CifarLt(tfds.core.GeneratorBasedBuilder):
         }),
         supervised_keys=("image", "label"),
         homepage="https://github.com/kaidic/LDAM-DRW",
-        citation=_CITATION + _CIFAR_CITATION,
+        citation=_CITATION + CIFAR_CITATION,
         metadata=tfds.core.MetadataDict(),
     )
 

@@ -96,14 +96,6 @@ _CITATION = """\
 }
 """
 
-_CIFAR_CITATION = """\
-@techreport{krizhevsky2009learning,
-  title       = {Learning Multiple Layers of Features from Tiny Images},
-  author      = {Krizhevsky, Alex},
-  institution = {University of Toronto},
-  year        = {2009},
-}
-"""
 
 _HOMEPAGES = {
     "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist",
@@ -141,12 +133,7 @@ def labeled_indices(labels: np.ndarray, seen_classes: Sequence[int],
     ValueError: if an argument is out of range, a label is out of range, or a
       seen class has no image.
   """
-  labels = np.asarray(labels)
-  if num_classes is None:
-    num_classes = int(labels.max()) + 1 if labels.size else 0
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"Labels must be in [0, {num_classes}); got "
-                     f"[{labels.min()}, {labels.max()}].")
+  labels, num_classes = long_tail.checked_labels(labels, num_classes)
   if not 0 < labeled_fraction <= 1:  # Also rejects NaN.
     raise ValueError(f"labeled_fraction must be in (0, 1], got "
                      f"{labeled_fraction}.")
@@ -274,7 +261,7 @@ class OpenWorld(tfds.core.GeneratorBasedBuilder):
       # Names are the source's, set when preparing (as TFDS's cifar builders
       # do): they come with the source's files.
       label = tfds.features.ClassLabel(num_classes=num_classes)
-      citation = _CITATION + _CIFAR_CITATION
+      citation = _CITATION + long_tail.CIFAR_CITATION
     return tfds.core.DatasetInfo(
         builder=self,
         description=(
@@ -316,14 +303,7 @@ class OpenWorld(tfds.core.GeneratorBasedBuilder):
     }
 
   def _fashion_mnist_splits(self):
-    folder = fashion_mnist.source_dir()
-    missing = [name for pair in fashion_mnist.SPLIT_FILES.values()
-               for name in pair if not (folder / name).exists()]
-    if missing:
-      # The same files as fashion_mnist_idx: the same advice on getting them.
-      # pylint: disable-next=protected-access
-      message = fashion_mnist._missing_files_message(folder, missing)
-      raise FileNotFoundError(message)
+    folder = fashion_mnist.checked_source_dir()
     splits = {}
     for split in ("train", "test"):
       images, labels = fashion_mnist.read_split(folder, split)

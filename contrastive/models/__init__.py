@@ -18,8 +18,9 @@ from contrastive.models import multiview
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _resnet(model_config: ml_collections.ConfigDict) -> nn.Module:
-  return encoder.ContrastiveModel(
+def _encoder_and_head(model_config: ml_collections.ConfigDict) -> dict:
+  """The options every model takes: its ResNet(s) and projection head(s)."""
+  return dict(
       depth=model_config.depth,
       width=model_config.width,
       cifar_stem=model_config.cifar_stem,
@@ -27,7 +28,12 @@ def _resnet(model_config: ml_collections.ConfigDict) -> nn.Module:
       head_out_dim=model_config.head.out_dim,
       head_bn=model_config.head.use_bn,
       bn_momentum=model_config.bn_momentum,
-      dtype=DTYPES[model_config.dtype],
+      dtype=DTYPES[model_config.dtype])
+
+
+def _resnet(model_config: ml_collections.ConfigDict) -> nn.Module:
+  return encoder.ContrastiveModel(
+      **_encoder_and_head(model_config),
       num_prototypes=model_config.get("num_prototypes", 0),
       bregman_subnetworks=model_config.get("bregman", {}).get(
           "subnetworks", 0),
@@ -56,15 +62,7 @@ def _multiview_resnet(model_config: ml_collections.ConfigDict) -> nn.Module:
                      "set them to 0 or use name='resnet'.")
   return multiview.MultiviewModel(
       modalities=model_config.get("modalities", "lab"),
-      depth=model_config.depth,
-      width=model_config.width,
-      cifar_stem=model_config.cifar_stem,
-      head_hidden_dims=tuple(model_config.head.hidden_dims),
-      head_out_dim=model_config.head.out_dim,
-      head_bn=model_config.head.use_bn,
-      bn_momentum=model_config.bn_momentum,
-      dtype=DTYPES[model_config.dtype],
-  )
+      **_encoder_and_head(model_config))
 
 
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
