@@ -151,6 +151,7 @@ def test_registry():
 # The trainer with CMC's multiview model.
 
 
+@pytest.mark.slow
 def test_train_step_contrasts_the_modality_encoders_on_eight_devices():
   import momentum_train_test as helpers  # pylint: disable=g-import-not-at-top
   from configs import smoke_fashion_mnist  # pylint: disable=g-import-not-at-top

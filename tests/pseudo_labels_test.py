@@ -94,6 +94,7 @@ def _config(data_dir):
   return config
 
 
+@pytest.mark.slow
 def test_refresh_embeds_the_split_by_index_and_the_step_looks_it_up(
     data_dir):
   config = _config(data_dir)
