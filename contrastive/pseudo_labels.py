@@ -101,14 +101,20 @@ def embed_split(config: ml_collections.ConfigDict, embed_fn, mesh,
   return table
 
 
-def refresh(config: ml_collections.ConfigDict, model, state, mesh, *,
-            step: int, total_steps: int, num_examples: int) -> Any:
-  """`state` with its pseudo-label table recomputed from its encoder."""
-  options = config.pseudo_labels
-  embed = jax.jit(
+def embedding_fn(model, mesh):
+  """`(variables, images) -> embeddings` (BN in inference), jitted once:
+  build it once per run and reuse it at every refresh."""
+  return jax.jit(
       lambda variables, x: model.apply(variables, x, train=False)[
           "embedding"],
       out_shardings=sharding.batch_sharding(mesh))
+
+
+def refresh(config: ml_collections.ConfigDict, embed, state, mesh, *,
+            step: int, total_steps: int, num_examples: int) -> Any:
+  """`state` with its pseudo-label table recomputed from its encoder;
+  `embed` from `embedding_fn`."""
+  options = config.pseudo_labels
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   embeddings = embed_split(config, lambda x: embed(variables, x), mesh,
                            num_examples)

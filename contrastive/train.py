@@ -372,10 +372,7 @@ def evaluate_open_world(config: ml_collections.ConfigDict, model, state,
   prototype; all / seen / novel accuracy by ORCA's protocol (Hungarian
   matching; `contrastive/evaluation/clustering.py`) on `linear_eval`'s test
   split. Classes 0 .. num_seen - 1 are the seen ones."""
-  embed = jax.jit(
-      lambda variables, x: model.apply(variables, x, train=False)[
-          "embedding"],
-      out_shardings=sharding.batch_sharding(mesh))
+  embed = pseudo_labels.embedding_fn(model, mesh)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   dataset = config.linear_eval.dataset or config.input.dataset
   embeddings, labels = linear.extract(config, dataset,
@@ -484,8 +481,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # IFND: re-cluster the training set every `refresh_every_epochs`.
     every = max(1, round(config.pseudo_labels.refresh_every_epochs
                          * steps_per_epoch))
+    embed = pseudo_labels.embedding_fn(model, mesh)
     refresh = (every, lambda state, step: pseudo_labels.refresh(
-        config, model, state, mesh, step=step, total_steps=total_steps,
+        config, embed, state, mesh, step=step, total_steps=total_steps,
         num_examples=num_train))
   elif "bank_clusters" in losses.extra_inputs(config.loss.name):
     # InterCLR: online k-means of the memory bank.

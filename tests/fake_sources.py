@@ -1,6 +1,7 @@
 """Fake TFDS sources for the tests of builders that derive from others
 (`contrastive/data/long_tail.py`, `contrastive/data/open_world.py`)."""
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -72,3 +73,15 @@ def write_fashion_mnist(folder, per_class: int, test_per_class: int,
     for name, array in zip(fashion_mnist.SPLIT_FILES[split], arrays):
       fake_fashion_mnist.write_idx(folder / name, array)
   return data
+
+
+def pretrain_config(dataset: str, data_dir: str,
+                    batch_size: int) -> ml_collections.ConfigDict:
+  """`config.input` for a few pretraining batches of a derived dataset."""
+  return ml_collections.ConfigDict(dict(
+      dataset=dataset, data_dir=data_dir, train_split="train",
+      batch_size=batch_size, views=2, image_size=28, shuffle_buffer=16,
+      augment=dict(crop_area_min=0.08, crop_area_max=1.0,
+                   crop_aspect_min=3 / 4, crop_aspect_max=4 / 3, flip=True,
+                   color_jitter_prob=0.8, color_strength=1.0,
+                   grayscale_prob=0.2, blur_prob=0.5, solarize_prob=0.2)))

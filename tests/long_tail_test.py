@@ -14,7 +14,6 @@ shuffled order), so `if10` keeps 20 -> 2 images per class:
   of the real CIFAR files.
 """
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -161,14 +160,8 @@ def test_fashion_mnist_lt_errors(fashion_source, tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_lt_feeds_the_pretraining_pipeline(fashion_data_dir):
-  config = ml_collections.ConfigDict(dict(
-      dataset="fashion_mnist_lt/if10", data_dir=fashion_data_dir,
-      train_split="train", batch_size=8, views=2, image_size=28,
-      shuffle_buffer=16,
-      augment=dict(crop_area_min=0.08, crop_area_max=1.0,
-                   crop_aspect_min=3 / 4, crop_aspect_max=4 / 3, flip=True,
-                   color_jitter_prob=0.8, color_strength=1.0,
-                   grayscale_prob=0.2, blur_prob=0.5, solarize_prob=0.2)))
+  config = fake_sources.pretrain_config("fashion_mnist_lt/if10",
+                                        fashion_data_dir, batch_size=8)
   batch = next(input_pipeline.pretrain_dataset(
       config, seed=0, process_index=0, process_count=1).as_numpy_iterator())
   assert batch["image"].shape == (8, 2, 28, 28, 1)

@@ -11,7 +11,6 @@ shuffled order), so `*_labeled50` labels 6 images of each seen class:
   real `tfds.builder("cifar10", data_dir=...)`.
 """
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -159,14 +158,8 @@ def test_fashion_mnist_without_files_says_where_to_get_them(tmp_path,
 
 
 def test_pretraining_batches_carry_open_label(fashion_data_dir):
-  config = ml_collections.ConfigDict(dict(
-      dataset=_FASHION, data_dir=fashion_data_dir,
-      train_split="train", batch_size=60, views=2, image_size=28,
-      shuffle_buffer=16,
-      augment=dict(crop_area_min=0.08, crop_area_max=1.0,
-                   crop_aspect_min=3 / 4, crop_aspect_max=4 / 3, flip=True,
-                   color_jitter_prob=0.8, color_strength=1.0,
-                   grayscale_prob=0.2, blur_prob=0.5, solarize_prob=0.2)))
+  config = fake_sources.pretrain_config(_FASHION, fashion_data_dir,
+                                        batch_size=60)
   batch = next(input_pipeline.pretrain_dataset(
       config, seed=0, process_index=0, process_count=1).as_numpy_iterator())
   assert batch["image"].shape == (60, 2, 28, 28, 1)

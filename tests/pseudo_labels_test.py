@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 import fake_fashion_mnist
 from configs import smoke_fashion_mnist
@@ -108,17 +110,25 @@ def test_refresh_embeds_the_split_by_index_and_the_step_looks_it_up(
   assert state.momentum["pseudo_labels"].shape == (40,)
   assert (np.asarray(state.momentum["pseudo_labels"]) == -1).all()
   with jax.set_mesh(mesh):
-    refreshed = pseudo_labels.refresh(config, model, state, mesh, step=5,
+    embed = pseudo_labels.embedding_fn(model, mesh)
+    refreshed = pseudo_labels.refresh(config, embed, state, mesh, step=5,
                                       total_steps=10, num_examples=40)
     # Half the images accepted at mid-training (start 0, end 1).
     table = np.asarray(refreshed.momentum["pseudo_labels"])
     assert (table >= 0).sum() == 20
     # The table is indexed like the split: recompute it from embeddings
-    # of the images in split order.
-    embed = lambda x: model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, x,
-        train=False)["embedding"]
-    embeddings = pseudo_labels.embed_split(config, embed, mesh, 40)
+    # of the split's images in TFDS order, read without any index.
+    images = np.stack([
+        example["image"] for example in tfds.as_numpy(tfds.builder(
+            "fashion_mnist_idx", data_dir=data_dir).as_dataset(
+                split="train", shuffle_files=False))])
+    # The eval pipeline's resize (TF bicubic, clipped).
+    images = tf.clip_by_value(tf.image.resize(
+        images.astype(np.float32) / 255.0, [12, 12], method="bicubic"),
+                              0.0, 1.0).numpy()
+    embeddings = np.asarray(model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, images,
+        train=False)["embedding"])
     expected = pseudo_labels.assign(
         embeddings, (3,), 0.5,
         jax.random.fold_in(jax.random.key(config.seed), 5), iterations=5)
