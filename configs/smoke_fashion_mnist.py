@@ -36,7 +36,8 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
                   sub-networks (Dense 64-ReLU-Dense 1), lambd 1, tau 0.2
   excon           SupCon over views whose low-saliency pixels (Grad-CAM of
                   the online probe, stage 1) are zeroed (Zhang et al. 2021),
-                  tau 0.2
+                  the misclassified masked images background negatives (not
+                  anchors), as in the official CIFAR-100 command, tau 0.2
   moco            MoCo v2-style InfoNCE, symmetrised, against the global
                   batch's keys and a queue of 4096 past keys; key encoder an
                   EMA with momentum 0.99 rising to 1 (cosine), tau 0.2
@@ -233,7 +234,8 @@ def get_config(arg=None):
     config.momentum.class_queue_size = 10
   elif args.method == "excon":
     config.loss.update(name="excon", temperature=0.2, use_labels=True)
-    config.loss.kwargs = dict(saliency_threshold=0.5, gradcam_stage=1)
+    config.loss.kwargs = dict(saliency_threshold=0.5, gradcam_stage=1,
+                              negative_pair=True, background_anchor=False)
   elif args.method == "esupcon":
     config.loss.update(name="esupcon", temperature=0.2, use_labels=True)
     config.model.num_prototypes = 10

@@ -115,6 +115,8 @@ ROWS = {
                       "configs/smoke_fashion_mnist.py:fn_removal"),
     "bregman": Row("Deep Bregman", "NT-Xent + Bregman term, tau 0.2",
                    "configs/smoke_fashion_mnist.py:bregman"),
+    "excon": Row("ExCon", "SupCon over Grad-CAM-masked views + background "
+                 "negatives, tau 0.2", "configs/smoke_fashion_mnist.py:excon"),
     "moco": Row("MoCo v2 (symmetrised)",
                 "InfoNCE vs batch keys + 4096-key queue, EMA key encoder, "
                 "tau 0.2", "configs/smoke_fashion_mnist.py:moco"),

@@ -104,20 +104,27 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
                        "--config.online_eval.probe=True.")
     options = {key: loss_config.kwargs[key] for key in
                excon.EXPLANATION_OPTIONS if key in loss_config.kwargs}
-    images, extra_metrics["masked_view_fraction"] = excon.explanation_views(
+    explanation = excon.explain(
         model, {"params": state.params, "batch_stats": state.batch_stats},
         state.probe_params, images, batch["label"], **options)
-  universum_images = None
+    explain_from_step = loss_config.kwargs.get("explain_from_step", 0)
+    explanation = excon.from_step(explanation, state.step, explain_from_step)
+    images, extra_metrics["masked_view_fraction"] = excon.masked_views(
+        images, explanation)
+  # Images the loss needs embedded in a pass of their own, by loss input.
+  second_pass_images = {}
   if "universum" in needs:
-    if grad_cache_chunks:
-      raise ValueError(f"Loss {loss_config.name!r} embeds a second batch "
-                       "(the universum) and does not support GradCache; "
-                       "set --config.grad_cache_chunks=0.")
     options = {key: loss_config.kwargs[key] for key in
                unicon.UNIVERSUM_OPTIONS if key in loss_config.kwargs}
-    universum_images = unicon.make_universum(
+    second_pass_images["universum"] = unicon.make_universum(
         images, batch["label"],
         jax.random.fold_in(jax.random.key(seed), state.step), **options)
+  if "explanations" in needs and loss_config.kwargs.get("negative_pair"):
+    second_pass_images["background"] = explanation.masked[:, None]
+  if second_pass_images and grad_cache_chunks:
+    raise ValueError(f"Loss {loss_config.name!r} embeds a second batch "
+                     f"({', '.join(second_pass_images)}) and does not "
+                     "support GradCache; set --config.grad_cache_chunks=0.")
 
   def embed(params, batch_stats, chunk):
     # Views are folded into the batch: BN sees every view of the chunk.
@@ -184,9 +191,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
         state.step)
   if "step" in needs:
     momentum_inputs["step"] = state.step
+  if "background" in second_pass_images:
+    momentum_inputs["background_valid"] = excon.backgrounds(
+        explanation, state.step, explain_from_step)
 
-  def loss_of_embeddings(outputs, universum=None):
-    extra = {} if universum is None else {"universum": universum}
+  def loss_of_embeddings(outputs, second_pass_embeddings=None):
+    extra = dict(second_pass_embeddings or {})
     extra.update(momentum_inputs)
     if "features" in needs:
       extra["features"] = outputs["features"]
@@ -219,13 +229,12 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   else:
     def compute_loss(params):
       batch_stats = state.batch_stats
-      universum = None
-      if universum_images is not None:
-        # The reference embeds the universum first, in its own pass (its own
-        # BN batch statistics).
-        universum_outputs, batch_stats = embed(params, batch_stats,
-                                               universum_images)
-        universum = universum_outputs["embedding"]
+      # First, each in its own pass (its own BN batch statistics), as
+      # UniCon's reference embeds its universum.
+      second_pass_embeddings = {}
+      for name, extra_images in second_pass_images.items():
+        extra_outputs, batch_stats = embed(params, batch_stats, extra_images)
+        second_pass_embeddings[name] = extra_outputs["embedding"]
       outputs, batch_stats = embed(params, batch_stats, images)
       if small_images is not None:
         # Their own pass (another resolution), then after the large views
@@ -233,7 +242,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
         small_outputs, batch_stats = embed(params, batch_stats, small_images)
         outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1),
                                outputs, small_outputs)
-      loss, aux = loss_of_embeddings(outputs, universum)
+      loss, aux = loss_of_embeddings(outputs, second_pass_embeddings)
       return loss, (aux, batch_stats)
 
     (loss, ((loss_metrics, features, embeddings), batch_stats)), grads = (

@@ -24,6 +24,8 @@ ARGS = {"simclr_imagenet": [None, "r50x2", "r50x4,epochs=1000"],
                                 "cmc", "ifnd", "interclr", "opencon"],
         "rescom_cifar_lt": [None, "dataset=cifar10,imbalance=10"],
         "mochi_imagenet": [None, "start_epoch=15"],
+        "excon_cifar100": [None, "epochs=100,explain_from_epoch=0,"
+                                 "negative_pair=False"],
         "relic_imagenet": [None, "saliency=0.1,dataset=imagenet_saliency"],
         "fnc_imagenet": [None, "fn_mode=eliminate,support=2"],
         "dcl_imagenet": [None, "dclw"],

@@ -268,7 +268,9 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
            temperature, spec: Spec, loss_impl: str, block_size,
            alignment_weight: jax.Array | None = None,
            extra_cosines: jax.Array | None = None,
-           contrast_z: jax.Array | None = None):
+           contrast_z: jax.Array | None = None,
+           column_valid: jax.Array | None = None,
+           anchor_valid: jax.Array | None = None):
   """Mean loss and metrics over the global batch, from this device's rows.
 
   Args:
@@ -287,6 +289,13 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
     contrast_z: float[local_batch, views, dim] embeddings that replace the
       views as the contrast set (UniCon's universum: column j is made from
       view j's image, so an anchor still skips its own index), or None.
+    column_valid: bool[local_batch]: samples whose views are in the
+      contrast set (the others are padding: in no anchor's positives or
+      denominator), or None for all.
+    anchor_valid: bool[local_batch]: samples whose views are anchors (the
+      others add nothing to the loss or the metrics), or None for all.
+    Together they give a fixed-shape batch a variable number of samples
+    (ExCon's background negatives).
 
   Returns:
     (mean loss over valid anchors; metrics `contrastive_acc`, `pos_logit`,
@@ -301,8 +310,10 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
       jax.lax.axis_index(axis_name) * local_batch)
   view_ids = (offset * views + jnp.arange(local_batch * views)).astype(
       jnp.int32)
+  column_ids = view_ids if column_valid is None else jnp.where(
+      jnp.repeat(column_valid, views), view_ids, -1)
   columns = streaming.Columns(contrast.reshape(local_batch * views, dim),
-                              jnp.repeat(labels, views), view_ids)
+                              jnp.repeat(labels, views), column_ids)
   # Dividing the anchors (not the logits) by the temperature keeps it a
   # differentiable input however the logits are computed.
   if spec.contrast_mode == "all":
@@ -311,11 +322,14 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
         view_ids)
     weight = None if alignment_weight is None else alignment_weight.reshape(
         -1).astype(jnp.float32)
+    anchor_ok = (None if anchor_valid is None
+                 else jnp.repeat(anchor_valid, views))
   else:
     anchors = streaming.Anchors(z[:, 0] / temperature, labels,
                                 view_ids[::views])
     weight = None if alignment_weight is None else alignment_weight[
         :, 0].astype(jnp.float32)
+    anchor_ok = anchor_valid
   if extra_cosines is not None:
     extra = extra_cosines.astype(jnp.float32)
     extra = (extra.reshape(local_batch * views, -1)
@@ -342,8 +356,9 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
                         precision=jax.lax.Precision.HIGHEST)
     not_self = anchors.ids[:, None] != columns.ids[None, :]
     same_label = anchors.labels[:, None] == columns.labels[None, :]
-    positive = same_label & not_self
-    negative = ~same_label
+    column_ok = (columns.ids >= 0)[None, :]
+    positive = same_label & not_self & column_ok
+    negative = ~same_label & column_ok
     if spec.positives_cap >= 0:
       positive &= _capped_positive(anchors, columns, views,
                                    spec.positives_cap)
@@ -371,16 +386,25 @@ def kernel(z: jax.Array, labels: jax.Array, *, axis_name: str | None,
 
   # Metrics are monitoring only; no gradient should leak through them.
   pos_sum = jax.lax.stop_gradient(stats.pos_sum)
+  num_pos, num_den = stats.num_pos, stats.num_den
+  logit_sum, best_is_pos = stats.logit_sum, stats.best_is_pos
+  if anchor_ok is not None:
+    valid &= anchor_ok
+    pos_sum, num_pos, num_den, logit_sum, best_is_pos = (
+        jnp.where(anchor_ok, x, 0) for x in (pos_sum, num_pos, num_den,
+                                            logit_sum, best_is_pos))
   sums = {
       "loss": jnp.where(valid, per_anchor, 0.0).sum(),
       "valid": valid.sum().astype(jnp.float32),
-      "correct": jnp.where(stats.num_pos > 0, stats.best_is_pos, 0.0).sum(),
-      "has_pos": (stats.num_pos > 0).sum().astype(jnp.float32),
+      "correct": jnp.where(num_pos > 0, best_is_pos, 0.0).sum(),
+      "has_pos": (num_pos > 0).sum().astype(jnp.float32),
       "pos_logit": pos_sum.sum(),
-      "num_pos": stats.num_pos.sum(),
-      "neg_logit": (stats.logit_sum - pos_sum).sum(),
-      "num_neg": (stats.num_den - stats.num_pos).sum(),
-      "anchors": jnp.asarray(stats.num_pos.shape[0], jnp.float32),
+      "num_pos": num_pos.sum(),
+      "neg_logit": (logit_sum - pos_sum).sum(),
+      "num_neg": (num_den - num_pos).sum(),
+      "anchors": (jnp.asarray(num_pos.shape[0], jnp.float32)
+                  if anchor_ok is None
+                  else anchor_ok.sum().astype(jnp.float32)),
   }
   if false_negatives_found is not None:
     sums["false_negatives"] = false_negatives_found

@@ -26,6 +26,7 @@ References:
 """
 
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,15 @@ def validate_inputs(z: jax.Array, labels: jax.Array | None,
       raise ValueError(f"{name} must be > 0, got {value}.")
 
 
+class ExtraSamples(NamedTuple):
+  """Samples that join the batch where `column_valid` / `anchor_valid`
+  say, so that a fixed-shape batch holds a varying number of them."""
+  z: jax.Array             # float[batch, views, dim]
+  labels: jax.Array        # int[batch]
+  column_valid: jax.Array  # bool[batch]: in the contrast set
+  anchor_valid: jax.Array  # bool[batch]: anchors
+
+
 def _spec(variant: str, contrast_mode: str, denominator_mode: str,
           positives_cap: int, margin: float = 0.0) -> infonce.Spec:
   if variant not in VARIANTS:
@@ -75,28 +85,48 @@ def family_loss(z: jax.Array, labels: jax.Array | None, *, temperature,
                 spec: infonce.Spec, loss_impl: str, block_size,
                 alignment_weight: jax.Array | None = None,
                 extra_cosines: jax.Array | None = None,
-                contrast_z: jax.Array | None = None):
+                contrast_z: jax.Array | None = None,
+                extra_samples: ExtraSamples | None = None):
   """The kernel over the global batch: `(loss, metrics)`.
 
   `labels=None` gives every sample its own class; built on the global batch
   so that the ids stay unique once sharded. `alignment_weight`,
   `extra_cosines` and `contrast_z` (see `infonce.kernel`) are sharded like
-  `z`.
+  `z`, and so is each field of `extra_samples`, whose rows each device
+  appends to its own (no resharding; the loss does not depend on the order
+  of the samples).
   """
   spec.validate(z.shape[1])
   if labels is None:
     labels = jnp.arange(z.shape[0], dtype=jnp.int32)
+  if extra_samples is not None and (
+      alignment_weight is not None or extra_cosines is not None
+      or contrast_z is not None):
+    raise ValueError("extra_samples cannot be combined with "
+                     "alignment_weight, extra_cosines or contrast_z.")
   optional = {name: value for name, value in (
       ("alignment_weight", alignment_weight),
       ("extra_cosines", extra_cosines), ("contrast_z", contrast_z))
               if value is not None}
+  if extra_samples is not None:
+    optional.update(extra_samples._asdict())
   names = tuple(optional)
 
   def kernel(z, labels, *values, axis_name):
+    options = dict(zip(names, values))
+    if extra_samples is not None:
+      extra = ExtraSamples(*(options.pop(name)
+                             for name in ExtraSamples._fields))
+      batch = z.shape[0]
+      z = jnp.concatenate([z, extra.z.astype(z.dtype)])
+      labels = jnp.concatenate([labels, extra.labels.astype(labels.dtype)])
+      options["column_valid"] = jnp.concatenate(
+          [jnp.ones((batch,), bool), extra.column_valid])
+      options["anchor_valid"] = jnp.concatenate(
+          [jnp.ones((batch,), bool), extra.anchor_valid])
     return infonce.kernel(
         z, labels, axis_name=axis_name, temperature=temperature, spec=spec,
-        loss_impl=loss_impl, block_size=block_size,
-        **dict(zip(names, values)))
+        loss_impl=loss_impl, block_size=block_size, **options)
 
   return sharding.map_batch_shards(kernel, z, jnp.asarray(labels, jnp.int32),
                                    *optional.values())
@@ -107,6 +137,7 @@ def supcon_with_metrics(
     base_temperature=None, variant: str = "out", contrast_mode: str = "all",
     denominator_mode: str = "all", positives_cap: int = -1,
     loss_impl: str = "gather", block_size: int | None = None,
+    extra_samples: ExtraSamples | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SupCon loss and monitoring metrics.
 
@@ -139,6 +170,8 @@ def supcon_with_metrics(
       `contrastive/losses/streaming.py`.
     block_size: columns per block for "blockwise" / "ring"; None or 0 picks
       one from the number of anchors.
+    extra_samples: samples (e.g. ExCon's background images) that join the
+      batch where their validity masks say, or None.
 
   Returns:
     (loss, metrics): the float32 scalar mean over anchors with at least one
@@ -155,7 +188,8 @@ def supcon_with_metrics(
   loss, metrics = family_loss(
       z, labels, temperature=temperature,
       spec=_spec(variant, contrast_mode, denominator_mode, positives_cap),
-      loss_impl=loss_impl, block_size=block_size)
+      loss_impl=loss_impl, block_size=block_size,
+      extra_samples=extra_samples)
   if base_temperature is not None:
     loss = loss * (temperature / base_temperature)
   return loss, metrics
