@@ -84,9 +84,9 @@ def test_masked_view_replaces_view_zero_only_where_it_is_classified_right():
   classifier = _classifier(rng, dim)
   classifier["kernel"] = classifier["kernel"] * 1e-3
   classifier["bias"] = jnp.asarray([10.0, 0.0, 0.0])
-  out, fraction = excon.explanation_views(
+  out, fraction = excon.masked_views(images, excon.explain(
       model, variables, classifier, images, labels, saliency_threshold=0.5,
-      gradcam_stage=1)
+      gradcam_stage=1))
   out, images = np.asarray(out), np.asarray(images)
   np.testing.assert_array_equal(out[:, 1], images[:, 1])
   cam = np.asarray(saliency.gradcam(model, variables, classifier,
@@ -103,9 +103,9 @@ def test_masked_view_replaces_view_zero_only_where_it_is_classified_right():
   assert float(fraction) == pytest.approx(0.5)
 
 
-def test_excon_step_needs_the_probe_and_trains():
-  config, model, _ = _model_and_variables()
-  mesh = sharding.make_mesh()
+def _first_step(config, model, mesh, seed):
+  """(state, a batch of 16 images of 4 classes, the un-jitted step
+  without the probe's optimizer, that optimizer)."""
   # No warm-up: the first step has a learning rate above 0.
   schedule = optim.learning_rate_schedule(config.optim, 16, 10, 0)
   tx = optim.create(config.optim, schedule)
@@ -113,7 +113,7 @@ def test_excon_step_needs_the_probe_and_trains():
   state = state_lib.create_train_state(model, tx, jax.random.key(0),
                                        IMAGE_SHAPE, mesh, probe_tx=probe_tx,
                                        num_classes=4)
-  rng = np.random.default_rng(2)
+  rng = np.random.default_rng(seed)
   batch = {"image": rng.uniform(size=(16, 2, *IMAGE_SHAPE)).astype(
                np.float32),
            "label": (np.arange(16) % 4).astype(np.int32)}
@@ -121,6 +121,13 @@ def test_excon_step_needs_the_probe_and_trains():
       train.train_step, model=model, tx=tx,
       loss_fn=losses.get_with_metrics("excon"), loss_config=config.loss,
       schedule=schedule)
+  return state, batch, step, probe_tx
+
+
+def test_excon_step_needs_the_probe_and_trains():
+  config, model, _ = _model_and_variables()
+  mesh = sharding.make_mesh()
+  state, batch, step, probe_tx = _first_step(config, model, mesh, seed=2)
   with jax.set_mesh(mesh):
     batch = sharding.make_global_batch(mesh, batch)
     with pytest.raises(ValueError, match="online_eval.probe"):
@@ -262,22 +269,10 @@ def test_excon_step_with_background_negatives_embeds_the_failed_masks():
   config, model, _ = _model_and_variables()
   config.loss.kwargs = {"negative_pair": True}
   mesh = sharding.make_mesh()
-  schedule = optim.learning_rate_schedule(config.optim, 16, 10, 0)
-  tx = optim.create(config.optim, schedule)
-  probe_tx = online.probe_optimizer(0.1, 10)
-  state = state_lib.create_train_state(model, tx, jax.random.key(0),
-                                       IMAGE_SHAPE, mesh, probe_tx=probe_tx,
-                                       num_classes=4)
-  rng = np.random.default_rng(6)
-  batch = {"image": rng.uniform(size=(16, 2, *IMAGE_SHAPE)).astype(
-               np.float32),
-           "label": (np.arange(16) % 4).astype(np.int32)}
-  step = jax.jit(functools.partial(
-      train.train_step, model=model, tx=tx,
-      loss_fn=losses.get_with_metrics("excon"), loss_config=config.loss,
-      schedule=schedule, probe_tx=probe_tx))
+  state, batch, step, probe_tx = _first_step(config, model, mesh, seed=6)
   with jax.set_mesh(mesh):
-    _, metrics = step(state, sharding.make_global_batch(mesh, batch))
+    _, metrics = jax.jit(functools.partial(step, probe_tx=probe_tx))(
+        state, sharding.make_global_batch(mesh, batch))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   images, labels = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
   explanation = excon.explain(model, variables, state.probe_params, images,
@@ -300,10 +295,7 @@ def test_excon_step_with_background_negatives_embeds_the_failed_masks():
   # Before `explain_from_step`: neither masks nor backgrounds.
   config.loss.kwargs = {"negative_pair": True, "explain_from_step": 1}
   with jax.set_mesh(mesh):
-    _, metrics = jax.jit(functools.partial(
-        train.train_step, model=model, tx=tx,
-        loss_fn=losses.get_with_metrics("excon"), loss_config=config.loss,
-        schedule=schedule, probe_tx=probe_tx))(
-            state, sharding.make_global_batch(mesh, batch))
+    _, metrics = jax.jit(functools.partial(step, probe_tx=probe_tx))(
+        state, sharding.make_global_batch(mesh, batch))
   assert float(metrics["masked_view_fraction"]) == 0.0
   assert float(metrics["background_fraction"]) == 0.0

@@ -6,8 +6,8 @@ pixels are zeroed: Grad-CAM of a linear classifier on the current encoder
 <= `saliency_threshold` (0.5) set to 0. When the classifier misclassifies
 the masked image, the unmasked "backup" view is kept instead. The loss is
 SupCon (L_out) over the views, so `excon` is `supcon` plus this view
-transform, which the trainer applies before the encoder pass
-(`explanation_views`); it runs with every `loss_impl`.
+transform, which the trainer applies before the encoder pass (`explain`,
+`masked_views`); it runs with every `loss_impl`.
 
 As in the official code (`data_aug.aug_no_bbox_mc`, `main_supcon.py`), the
 classifier is trained on detached encoder features: here it is the online
@@ -113,31 +113,6 @@ def masked_views(images: jax.Array, explanation: Explanation):
           jnp.mean(explanation.correct.astype(jnp.float32)))
 
 
-def explanation_views(model, variables: dict, classifier: dict,
-                      images: jax.Array, labels: jax.Array, *,
-                      saliency_threshold: float = 0.5,
-                      gradcam_stage: int = 1):
-  """View 0 of every image masked by its explanation where that works.
-
-  Args:
-    model: the `ContrastiveModel`.
-    variables: its {"params", "batch_stats"}.
-    classifier: the online probe's parameters.
-    images: float[B, V, H, W, C] views.
-    labels: int[B] classes.
-    saliency_threshold: pixels whose normalised saliency is at most this
-      are zeroed.
-    gradcam_stage: ResNet stage whose output Grad-CAM explains.
-
-  Returns:
-    (images with view 0 replaced where the classifier gets the masked image
-    right, float32 fraction of images replaced). No gradient flows through.
-  """
-  return masked_views(images, explain(
-      model, variables, classifier, images, labels,
-      saliency_threshold=saliency_threshold, gradcam_stage=gradcam_stage))
-
-
 def excon_with_metrics(
     z: jax.Array, labels: jax.Array | None = None, *, temperature,
     base_temperature=None, contrast_mode: str = "all",
@@ -150,7 +125,7 @@ def excon_with_metrics(
 
   Args:
     z: float[batch, views, dim] embeddings of the views, view 0 already
-      replaced by the trainer (`explanation_views`).
+      replaced by the trainer (`masked_views`).
     labels: int[batch] class ids.
     temperature: softmax temperature tau > 0.
     base_temperature: as `supcon`.
