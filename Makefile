@@ -40,11 +40,12 @@ smoke: venv data
 # method with the same encoder and budget; about an hour on 2 cores.
 # The rows the README's table shows (about 1.5 h); TABLE_ROWS= runs every
 # row of contrastive/result_table.py (each further method about 30 min).
+# Rows not run this time keep their entries in results/fashion_mnist.json.
 TABLE_ROWS ?= random_init,ce,simclr,supcon
 table: venv data
 	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m contrastive.result_table \
 	  --workdir=$(WORKDIR)/table --data_dir=$(WORKDIR)/tensorflow_datasets \
-	  --out=results --rows=$(TABLE_ROWS)
+	  --out=results --rows=$(TABLE_ROWS) --merge
 
 table-biased: venv data
 	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m contrastive.result_table \

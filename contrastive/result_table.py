@@ -13,7 +13,9 @@ protocols (L-BFGS linear probe, weighted kNN) and evaluated online every
 `--eval_every` steps (kNN against 10k training images), which gives the
 accuracy-against-training-time curves. Rows whose workdir already holds a
 finished run are read, not re-run (`--rerun` re-runs them; an interrupted
-run resumes from its checkpoint).
+run resumes from its checkpoint). `--merge` keeps the rows of an existing
+`out/<table>.json` that this call does not run, so rows measured on
+different days (whose workdirs may be gone) stay in one table.
 
 Writes `out/fashion_mnist.md` (the table, with the command, machine and
 total time) and `out/fashion_mnist.png`. A new method joins the table by
@@ -50,7 +52,7 @@ def _define_flags() -> None:
   """Defines the command's flags; only when run as a command, so that
   importing this module next to another absl entry point cannot clash."""
   global _WORKDIR, _OUT, _DATA_DIR, _ROWS, _RERUN, _OVERRIDES, _EVAL_EVERY
-  global _EPOCHS, _TABLE
+  global _EPOCHS, _TABLE, _MERGE
   _TABLE = flags.DEFINE_enum("table", "fashion_mnist", list(TABLES),
                              "Which table to run and write.")
   _WORKDIR = flags.DEFINE_string("workdir", "/tmp/contrastive/table",
@@ -60,6 +62,9 @@ def _define_flags() -> None:
       "data_dir", None, "TFDS data_dir (the prepared Fashion-MNIST builder).")
   _ROWS = flags.DEFINE_list("rows", None, "Rows to run (default: all).")
   _RERUN = flags.DEFINE_bool("rerun", False, "Re-run rows that finished.")
+  _MERGE = flags.DEFINE_bool(
+      "merge", False, "Keep the rows of the existing out/<table>.json that "
+      "this call does not run (rows it runs replace their old entries).")
   _OVERRIDES = flags.DEFINE_multi_string(
       "override", [], "Extra `--config.x=y` for every row (a row's own "
       "settings win), e.g. --override=--config.input.batch_size=512.")
@@ -305,8 +310,12 @@ def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
   evaluation = _read_json(os.path.join(workdir, "linear_eval.json"))
   metrics = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   classifier_path = os.path.join(workdir, "classifier_eval.json")
+  record_path = os.path.join(workdir, RUN_RECORD)
+  measured = (datetime.date.fromtimestamp(os.path.getmtime(record_path))
+              if os.path.exists(record_path) else datetime.date.today())
   result = {
       "name": name, "label": row.label, "loss": row.loss,
+      "measured": measured.isoformat(),
       "linear_top1": evaluation["top1"],
       "knn20_top1": evaluation.get("knn20_top1"),
       "knn200_top1": evaluation.get("knn200_top1"),
@@ -347,6 +356,24 @@ def _shots(long_tail) -> str:
                     for group in ("many", "medium", "few"))
 
 
+def merge(previous: list[dict], measured: list[dict],
+          row_order: list[str]) -> list[dict]:
+  """`previous` rows updated by the `measured` ones, in the table's order.
+
+  Rows no longer in the table are dropped: their method is gone.
+  """
+  by_name = {r["name"]: r for r in previous}
+  by_name.update((r["name"], r) for r in measured)
+  return [by_name[name] for name in row_order if name in by_name]
+
+
+def _measured_dates(results: list[dict]) -> str:
+  dates = sorted({r["measured"] for r in results if r.get("measured")})
+  if not dates:
+    return datetime.date.today().isoformat()
+  return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+
+
 def markdown(results: list[dict], total_seconds: float,
              table: Table = TABLES["fashion_mnist"]) -> str:
   shot_columns = (" linear many / medium / few | own classifier many / "
@@ -385,7 +412,7 @@ def markdown(results: list[dict], total_seconds: float,
   return "\n".join([
       f"# {table.title}",
       "",
-      f"Measured {datetime.date.today().isoformat()} by "
+      f"Measured {_measured_dates(results)} by "
       f"`make {table.make_target}` "
       f"(`python -m contrastive.result_table`) on {os.cpu_count()} CPU "
       f"cores ({cpu}), 8 simulated devices; {total_seconds / 60:.0f} min in "
@@ -439,11 +466,13 @@ def main(argv):
     workdir = os.path.join(_WORKDIR.value, name)
     record = run_row(name, table.rows[name], workdir, _epochs(table))
     results.append(collect(name, table.rows[name], workdir, record))
+  out = os.path.join(_OUT.value, _TABLE.value)
+  if _MERGE.value and os.path.exists(out + ".json"):
+    results = merge(_read_json(out + ".json"), results, list(table.rows))
   # Reused rows count with the time they took when they ran.
   total = sum(r["run_seconds"] for r in results)
   os.makedirs(_OUT.value, exist_ok=True)
   text = markdown(results, total, table)
-  out = os.path.join(_OUT.value, _TABLE.value)
   with open(out + ".md", "w") as f:
     f.write(text)
   with open(out + ".json", "w") as f:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -44,6 +45,19 @@ def test_markdown_lists_every_row_and_raw_pixels(tmp_path):
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_merge_keeps_earlier_rows_in_table_order_and_dates_the_table():
+  earlier = [dict(_result("simclr", 0.86, []), measured="2026-11-27"),
+             dict(_result("gone", 0.5, []), measured="2026-11-27"),
+             dict(_result("supcon", 0.89, []), measured="2026-11-27")]
+  remeasured = dict(_result("simclr", 0.88, []), measured="2026-11-29")
+  merged = result_table.merge(earlier, [remeasured],
+                              ["random_init", "supcon", "simclr"])
+  assert [(r["name"], r["linear_top1"]) for r in merged] == [
+      ("supcon", 0.89), ("simclr", 0.88)]
+  assert "Measured 2026-11-27 to 2026-11-29 by" in result_table.markdown(
+      merged, total_seconds=1400)
+
+
 def test_resumed_metrics_keep_the_last_row_per_step(tmp_path):
   path = tmp_path / "metrics.jsonl"
   rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
@@ -62,7 +76,7 @@ def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
   command = [
       sys.executable, "-m", "contrastive.result_table",
       f"--workdir={tmp_path / 'table'}", f"--data_dir={tmp_path / 'tfds'}",
-      f"--out={out}", "--rows=random_init,simclr", "--eval_every=1",
+      f"--out={out}", "--eval_every=1",
       "--override=--config.total_steps=2",
       "--override=--config.input.batch_size=16",
       "--override=--config.model.width=0.125",
@@ -72,8 +86,9 @@ def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
       "--override=--config.online_eval.knn_k=5",
       # The fake split has 96 images, not the 10k the table's kNN uses.
       "--override=--config.online_eval.knn_train_split=train"]
+  both_rows = command + ["--rows=random_init,simclr"]
   env = {**os.environ, fashion_mnist.ENV_VAR: str(source)}
-  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+  proc = subprocess.run(both_rows, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   table = (out / "fashion_mnist.md").read_text()
@@ -87,10 +102,18 @@ def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
   assert len(simclr["curve"]) == 2
   assert (out / "fashion_mnist.png").stat().st_size > 0
   # A second call reuses the finished runs.
-  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+  proc = subprocess.run(both_rows, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("reusing the finished run") == 2
+  # With --merge, a row whose workdir is gone keeps its recorded result.
+  shutil.rmtree(tmp_path / "table" / "random_init")
+  proc = subprocess.run(command + ["--rows=simclr", "--merge"], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("reusing the finished run") == 1
+  assert json.loads((out / "fashion_mnist.json").read_text()) == results
 
 
 @pytest.mark.slow
