@@ -213,9 +213,14 @@ def test_multi_crop_small_views_join_the_loss_but_not_the_key_encoder():
   for m1, m8, m0 in zip(metrics1, metrics8, plain):
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     assert np.isfinite(m8["loss"]) and m8["loss"] != m0["loss"]
+  # The key encoder's BatchNorm scales and biases follow online ones whose
+  # gradients are sums with heavy cancellation: float32 summation order (1
+  # vs 8 devices, and the CPU's vector width) moves them by up to 2e-4 after
+  # two steps on an AMD EPYC (losses agree to 1e-5); a sharding error in the
+  # key encoder's input moves them by orders of magnitude more.
   for a, b in zip(jax.tree.leaves(state1.momentum),
                   jax.tree.leaves(state8.momentum)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)
   # Refused where a second pass of other images cannot join.
   config = _config("unicon")
   _, state, step = _setup(config, sharding.make_mesh(devices=jax.devices()[:1]))
