@@ -63,7 +63,7 @@ table-open-world: venv data
 	  --data_dir=$(WORKDIR)/tensorflow_datasets --out=results
 
 test: venv data
-	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m pytest -q
+	FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(PY) -m pytest -q --durations=30
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

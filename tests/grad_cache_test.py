@@ -138,6 +138,7 @@ def test_chunks_must_divide_the_local_batch():
     grad_cache.check_chunks(32, 8, 3)
 
 
+@pytest.mark.optimized_xla
 def test_activation_memory_falls_with_chunks():
   """Compiled per-device temp memory falls with the number of chunks."""
   config, model, tx, schedule, _ = _setup()

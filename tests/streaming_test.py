@@ -141,6 +141,7 @@ def _temp_mib(impl, views, devices=8):
   ).temp_size_in_bytes / MIB
 
 
+@pytest.mark.optimized_xla
 def test_memory_targets():
   """The issue's per-device targets, from the compiled program (no data)."""
   gather = _temp_mib("gather", 32768)
@@ -152,6 +153,7 @@ def test_memory_targets():
   assert _temp_mib("ring", 131072) <= 128
 
 
+@pytest.mark.optimized_xla
 def test_ring_memory_does_not_grow_with_devices():
   """At a fixed per-device batch, ring memory is flat in the device count.
 
@@ -167,6 +169,7 @@ def test_ring_memory_does_not_grow_with_devices():
           > 1.5 * _temp_mib("blockwise", 4 * per_device, devices=4))
 
 
+@pytest.mark.optimized_xla
 def test_ring_sends_chunks_instead_of_gathering():
   hlo = _compiled("ring", 4096).as_text()
   assert "collective-permute" in hlo
