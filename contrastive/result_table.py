@@ -47,6 +47,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import lines as plot_lines  # pylint: disable=g-import-not-at-top
+
 
 def _define_flags() -> None:
   """Defines the command's flags; only when run as a command, so that
@@ -425,29 +427,53 @@ def markdown(results: list[dict], total_seconds: float,
   ])
 
 
-def plot(results: list[dict], path: str,
-         title: str = "Fashion-MNIST: accuracy against training time") -> None:
-  figure, axis = plt.subplots(figsize=(7, 4.5))
-  for index, r in enumerate(results):
-    colour = f"C{index}"
+def method_colours(count: int) -> list[tuple[float, ...]]:
+  """`count` distinct colours: tab20's dark shades first, then its light."""
+  if count > 20:
+    raise ValueError(f"The plot tells at most 20 rows apart, got {count}; "
+                     "plot fewer rows (--rows) or split the table.")
+  palette = plt.get_cmap("tab20").colors
+  return [palette[2 * i % 20 + 2 * i // 20] for i in range(count)]
+
+
+def figure_of(results: list[dict], title: str) -> plt.Figure:
+  """Online kNN curves and final linear top-1, one legend entry per row."""
+  figure, axis = plt.subplots(figsize=(9, 4.5))
+  for r, colour in zip(results, method_colours(len(results))):
     if r["curve"]:
       times, knn_top1, _ = zip(*r["curve"])
       axis.plot([t / 60 for t in times], [100 * a for a in knn_top1],
-                marker="o", markersize=3, color=colour,
-                label=f"{r['label']} (kNN, online)")
+                marker="o", markersize=3, color=colour)
     axis.scatter([r["train_seconds"] / 60], [100 * r["linear_top1"]],
-                 marker="*", s=120, color=colour, zorder=3,
-                 label=f"{r['label']} (linear, final)")
+                 marker="*", s=120, color=colour, zorder=3)
+  # One proxy per row (its colour) and one per mark (its meaning), so that
+  # the legend stays a column of rows however many there are.
+  handles = [plot_lines.Line2D([], [], color=colour, linewidth=3,
+                               label=r["label"])
+             for r, colour in zip(results, method_colours(len(results)))]
+  handles += [
+      plot_lines.Line2D([], [], color="black", marker="o", markersize=3,
+                   label="kNN top-1 (k=20), online"),
+      plot_lines.Line2D([], [], color="black", marker="*", markersize=10,
+                   linestyle="none", label="linear top-1, final")]
   for raw in (r[RAW_PIXELS] for r in results if RAW_PIXELS in r):
-    axis.axhline(100 * raw["top1"], color="grey", linestyle="--",
-                 label="Raw pixels (linear)")
+    handles.append(axis.axhline(100 * raw["top1"], color="grey",
+                                linestyle="--", label="Raw pixels (linear)"))
   axis.set_xlabel("training time (min, 2 CPU cores)")
   axis.set_ylabel("test top-1 (%)")
   axis.set_title(title)
   axis.grid(alpha=0.3)
-  axis.legend(fontsize=7, loc="lower right")
+  # Outside the axes: inside, a dozen rows' entries hid the curves.
+  axis.legend(handles=handles, fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  return figure
+
+
+def plot(results: list[dict], path: str,
+         title: str = "Fashion-MNIST: accuracy against training time") -> None:
+  figure = figure_of(results, title)
+  figure.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(figure)
 
 
