@@ -10,8 +10,13 @@ checkpoints are never deleted here, and a workdir whose checkpoints are all
 unreadable is an error, never a silent fresh start. A checkpoint whose array
 shapes differ from the model's (another model or config) is refused with the
 mismatched keys named.
+
+Orbax refuses to write arrays with no elements (e.g. the queue of a loss run
+with `momentum.queue_size=0`, MoCo v3 style): they are left out of the
+checkpoint and re-created, empty, on restore.
 """
 
+import math
 import os
 import shutil
 import time
@@ -19,6 +24,7 @@ import time
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
@@ -59,7 +65,29 @@ def save(manager: ocp.CheckpointManager, state, *, force: bool = False) -> None:
   step = int(jax.device_get(state.step))
   if manager.latest_step() == step:
     return
-  manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  manager.save(step, args=ocp.args.StandardSave(_without_empty_arrays(state)),
+               force=force)
+
+
+def _is_empty_array(leaf) -> bool:
+  return hasattr(leaf, "shape") and math.prod(leaf.shape) == 0
+
+
+def _without_empty_arrays(tree):
+  """`tree` with its zero-element arrays replaced by None (not saved)."""
+  return jax.tree.map(lambda x: None if _is_empty_array(x) else x, tree)
+
+
+def _with_empty_arrays(restored, abstract_state):
+  """Puts back the zero-element arrays of `abstract_state` left out on save."""
+  def fill(target, value):
+    if not _is_empty_array(target):
+      return value
+    sharding = getattr(target, "sharding", None)
+    return jnp.zeros(target.shape, target.dtype, device=sharding)
+  # A leaf of the first tree meets the whole (here None) subtree of the
+  # second, so the left-out positions reach `fill` as None.
+  return jax.tree.map(fill, abstract_state, restored)
 
 
 def _key_name(key) -> str:
@@ -102,7 +130,8 @@ def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict:
 def _check_compatible(manager: ocp.CheckpointManager, step: int,
                       saved: dict, abstract_state) -> None:
   """Raises IncompatibleCheckpointError if array shapes or keys differ."""
-  problems = _mismatches(saved, _shapes(abstract_state))
+  problems = _mismatches(saved,
+                         _shapes(_without_empty_arrays(abstract_state)))
   if problems:
     shown = "; ".join(problems[:8])
     more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
@@ -171,8 +200,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
       try:
         logging.info("Restoring checkpoint of step %d from %s", step,
                      directory)
-        state = manager.restore(step,
-                                args=ocp.args.StandardRestore(abstract_state))
+        state = _with_empty_arrays(
+            manager.restore(step, args=ocp.args.StandardRestore(
+                _without_empty_arrays(abstract_state))),
+            abstract_state)
         restored_step = int(jax.device_get(state.step))
         if restored_step != step:
           raise ValueError(f"it holds step {restored_step}")

@@ -22,6 +22,7 @@ import pytest
 
 import fake_fashion_mnist
 from contrastive import checkpoint
+from contrastive import momentum as momentum_lib
 from contrastive import state as state_lib
 from contrastive import throughput
 from contrastive.data import fashion_mnist
@@ -178,6 +179,49 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(
   assert _checkpoint_steps(workdir)[-1] == stopped_at
   _run(workdir, data)
   _assert_same_run(workdir, reference)
+
+
+def test_empty_queue_is_checkpointed_and_restored_with_the_rest(tmp_path):
+  # RenyiCL runs with momentum.queue_size=0 (batch keys only); Orbax refuses
+  # to write zero-element arrays, which once ended such a run at its first
+  # checkpoint.
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  empty = momentum_lib.init_queue(0, 16, jax.random.key(1))
+  full = momentum_lib.init_queue(8, 16, jax.random.key(2))
+  state = _state(4, 4.0).replace(momentum={
+      "queue": jax.device_put(empty, replicated),
+      "params": {"kernel": jnp.arange(6.0).reshape(2, 3)}, "other": full})
+  manager = checkpoint.create_manager(str(tmp_path), keep=2)
+  checkpoint.save(manager, state)
+  manager.wait_until_finished()
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      state)
+  restored = checkpoint.restore_latest(manager, abstract)
+  manager.close()
+  assert int(restored.step) == 4
+  queue = restored.momentum["queue"]
+  assert queue.keys.shape == (0, 16) and queue.keys.dtype == jnp.float32
+  assert queue.labels.shape == (0,) and queue.labels.dtype == jnp.int32
+  assert queue.keys.sharding == replicated
+  assert int(queue.pointer) == 0
+  np.testing.assert_array_equal(restored.momentum["other"].keys, full.keys)
+  np.testing.assert_array_equal(restored.momentum["params"]["kernel"],
+                                np.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(restored.params["dense"]["kernel"],
+                                np.full((4, 3), 4.0))
+  # A model whose queue is not empty still refuses this checkpoint.
+  manager = checkpoint.create_manager(str(tmp_path), keep=2)
+  bigger = abstract.replace(momentum=dict(
+      abstract.momentum, queue=jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(
+              (32,) + x.shape[1:] if x.ndim else x.shape, x.dtype),
+          abstract.momentum["queue"])))
+  with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                     match="momentum/queue/keys: missing from checkpoint"):
+    checkpoint.restore_latest(manager, bigger)
+  manager.close()
 
 
 # Corrupt checkpoints (no training: a small state saved directly).
