@@ -277,7 +277,27 @@ def _read_jsonl(path: str) -> list[dict]:
     for line in f:
       row = json.loads(line)
       rows[row["step"]] = row  # A resumed run repeats steps: keep the last.
-  return [rows[step] for step in sorted(rows)]
+  return _cumulative_train_time([rows[step] for step in sorted(rows)])
+
+
+def _cumulative_train_time(rows: list[dict]) -> list[dict]:
+  """Rows whose train_time_sec counts every process of a resumed run.
+
+  Each process's clock starts at 0, so a fall marks a resume; the earlier
+  processes' last logged times are added to the later ones (steps trained
+  after the last log before a kill are not counted, nor are they in the
+  final model) and kept apart as earlier_train_time_sec.
+  """
+  offset, previous, cumulative = 0.0, 0.0, []
+  for row in rows:
+    if "train_time_sec" in row:
+      if row["train_time_sec"] < previous:
+        offset += previous
+      previous = row["train_time_sec"]
+      row = dict(row, train_time_sec=row["train_time_sec"] + offset,
+                 earlier_train_time_sec=offset)
+    cumulative.append(row)
+  return cumulative
 
 
 def run_row(name: str, row: Row, workdir: str, epochs: float) -> dict:
@@ -332,7 +352,9 @@ def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
           if os.path.exists(classifier_path) else None),
       "epochs": metrics[-1]["epoch"] if metrics else 0.0,
       "train_seconds": metrics[-1]["train_time_sec"] if metrics else 0.0,
-      "run_seconds": record["seconds"],
+      # The record times the last process; earlier ones count their training.
+      "run_seconds": record["seconds"] + (
+          metrics[-1].get("earlier_train_time_sec", 0.0) if metrics else 0.0),
       "curve": [(m["train_time_sec"], m["online/knn_top1"],
                  m.get("online/probe_top1")) for m in metrics
                 if "online/knn_top1" in m],

@@ -95,6 +95,24 @@ def test_resumed_metrics_keep_the_last_row_per_step(tmp_path):
       3.0, 1.5, 1.0]
 
 
+def test_training_time_adds_up_over_resumed_processes(tmp_path):
+  # Process 1 logs steps 20..60 and is killed; process 2 resumes from the
+  # step-40 checkpoint (its clock from 0) and re-logs 60; process 3 resumes
+  # at 80.
+  logged = [(20, 10.0), (40, 20.0), (60, 30.0),
+            (60, 9.0), (80, 19.0), (100, 4.0), (120, 14.0)]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "train_time_sec": t}) + "\n"
+                          for s, t in logged)
+                  + json.dumps({"step": 100, "eval": 1.0,
+                                "train_time_sec": 4.0}) + "\n")
+  rows = result_table._read_jsonl(str(path))
+  assert [(r["step"], r["train_time_sec"]) for r in rows] == [
+      (20, 10.0), (40, 20.0), (60, 29.0), (80, 39.0), (100, 43.0),
+      (120, 53.0)]
+  assert rows[-1]["earlier_train_time_sec"] == 39.0
+
+
 @pytest.mark.slow
 def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
   source = tmp_path / "fashion_mnist_src"
