@@ -33,6 +33,33 @@ class MetricLogger:
     self._jsonl = (open(self._path, "a")
                    if self._is_writer and not self._remote else None)
 
+  def last_value(self, name: str, up_to_step: int) -> float | None:
+    """`name` in the newest row of metrics.jsonl at a step <= `up_to_step`.
+
+    What a resumed run continues from (e.g. its training time); None where
+    no such row exists, and on processes other than 0, which write none.
+    """
+    if not self._is_writer:
+      return None
+    if self._remote:
+      lines = self._rows
+    elif os.path.exists(self._path):
+      with open(self._path) as f:
+        lines = f.read().splitlines()
+    else:
+      lines = []
+    found, found_step = None, -1
+    # A resumed run repeats steps after its checkpoint: the later row wins.
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # A line cut short by a kill.
+        continue
+      step = row.get("step", -1)
+      if name in row and found_step <= step <= up_to_step:
+        found, found_step = float(row[name]), step
+    return found
+
   def write(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
     self.writer.write_scalars(step, scalars)

@@ -275,7 +275,10 @@ def _read_jsonl(path: str) -> list[dict]:
   rows = {}
   with open(path) as f:
     for line in f:
-      row = json.loads(line)
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # A line cut short by a kill.
+        continue
       rows[row["step"]] = row  # A resumed run repeats steps: keep the last.
   return _cumulative_train_time([rows[step] for step in sorted(rows)])
 

@@ -120,9 +120,11 @@ def run(config: ml_collections.ConfigDict, step: Callable[..., Any], state,
   eval_every = config.online_eval.every_steps
   last_metrics = {}
   preempted = False
-  # Training wall time of this process: excludes compiling the first step
-  # and the periodic evaluation (the time axis of accuracy-vs-time plots).
-  train_seconds = 0.0
+  # Training wall time: excludes compiling the first step and the periodic
+  # evaluation (the time axis of accuracy-vs-time plots); a resumed run
+  # continues from the time logged at or before its checkpoint.
+  train_seconds = (logger.last_value("train_time_sec", start_step) or 0.0
+                   if start_step > 0 else 0.0)
   with jax.set_mesh(mesh), preemption.Watcher() as watcher:
     timer = throughput.StepTimer()
     for step_number in range(start_step + 1, total_steps + 1):

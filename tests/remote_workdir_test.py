@@ -33,6 +33,7 @@ def test_metrics_on_a_bucket_survive_a_restart(monkeypatch):
   logger.write(2, {"loss": 0.5})
   logger.close()
   logger = metric_logging.MetricLogger(workdir)  # A resumed run.
+  assert logger.last_value("loss", up_to_step=2) == 0.5
   logger.write(3, {"loss": 0.25})
   logger.close()
   with tf.io.gfile.GFile(workdir + "/metrics.jsonl") as f:
@@ -54,3 +55,27 @@ def test_config_record_on_a_bucket():
     assert "seed: 0 -> 1" in str(e)
   else:
     raise AssertionError("a different config was resumed")
+
+
+def test_last_value_is_the_newest_row_up_to_a_step(tmp_path, monkeypatch):
+  monkeypatch.setattr(metric_writers, "create_default_writer",
+                      lambda *a, **k: metric_writers.LoggingWriter())
+  workdir = str(tmp_path)
+  logger = metric_logging.MetricLogger(workdir)
+  assert logger.last_value("train_time_sec", up_to_step=10) is None
+  # A first process logs steps 2..6 and is killed; a second one, resumed
+  # from the step-4 checkpoint, logs 6 and 8 again.
+  for step, seconds in [(2, 1.0), (4, 2.0), (6, 3.0), (6, 2.5), (8, 3.5)]:
+    logger.write(step, {"train_time_sec": seconds, "loss": 1.0 / step})
+  logger.write(8, {"knn": 0.5})  # An evaluation row without the name.
+  logger.close()
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 9, "train_ti')  # Cut short by a kill.
+  logger = metric_logging.MetricLogger(workdir)
+  assert logger.last_value("train_time_sec", up_to_step=4) == 2.0
+  assert logger.last_value("train_time_sec", up_to_step=5) == 2.0
+  assert logger.last_value("train_time_sec", up_to_step=6) == 2.5
+  assert logger.last_value("train_time_sec", up_to_step=100) == 3.5
+  assert logger.last_value("train_time_sec", up_to_step=1) is None
+  assert logger.last_value("missing", up_to_step=100) is None
+  logger.close()

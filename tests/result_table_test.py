@@ -105,7 +105,8 @@ def test_training_time_adds_up_over_resumed_processes(tmp_path):
   path.write_text("".join(json.dumps({"step": s, "train_time_sec": t}) + "\n"
                           for s, t in logged)
                   + json.dumps({"step": 100, "eval": 1.0,
-                                "train_time_sec": 4.0}) + "\n")
+                                "train_time_sec": 4.0}) + "\n"
+                  + '{"step": 130, "train_ti\n')  # Cut short by a kill.
   rows = result_table._read_jsonl(str(path))
   assert [(r["step"], r["train_time_sec"]) for r in rows] == [
       (20, 10.0), (40, 20.0), (60, 29.0), (80, 39.0), (100, 43.0),

@@ -157,3 +157,6 @@ def test_moco_with_views_finished_on_device_resumes_exactly(fake_data,
   assert losses[0] == losses[1]
   assert ([r["ema_momentum"] for r in rows[0]]
           == [r["ema_momentum"] for r in rows[1]])
+  # The resumed process's training clock continues from the checkpoint's.
+  resumed_times = [r["train_time_sec"] for r in rows[1]]
+  assert resumed_times == sorted(resumed_times), resumed_times
