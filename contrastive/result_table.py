@@ -478,9 +478,9 @@ def figure_of(results: list[dict], title: str) -> plt.Figure:
              for r, colour in zip(results, method_colours(len(results)))]
   handles += [
       plot_lines.Line2D([], [], color="black", marker="o", markersize=3,
-                   label="kNN top-1 (k=20), online"),
+                        label="kNN top-1 (k=20), online"),
       plot_lines.Line2D([], [], color="black", marker="*", markersize=10,
-                   linestyle="none", label="linear top-1, final")]
+                        linestyle="none", label="linear top-1, final")]
   for raw in (r[RAW_PIXELS] for r in results if RAW_PIXELS in r):
     handles.append(axis.axhline(100 * raw["top1"], color="grey",
                                 linestyle="--", label="Raw pixels (linear)"))
