@@ -464,7 +464,8 @@ def method_colours(count: int) -> list[tuple[float, ...]]:
 def figure_of(results: list[dict], title: str) -> plt.Figure:
   """Online kNN curves and final linear top-1, one legend entry per row."""
   figure, axis = plt.subplots(figsize=(9, 4.5))
-  for r, colour in zip(results, method_colours(len(results))):
+  colours = method_colours(len(results))
+  for r, colour in zip(results, colours):
     if r["curve"]:
       times, knn_top1, _ = zip(*r["curve"])
       axis.plot([t / 60 for t in times], [100 * a for a in knn_top1],
@@ -475,7 +476,7 @@ def figure_of(results: list[dict], title: str) -> plt.Figure:
   # the legend stays a column of rows however many there are.
   handles = [plot_lines.Line2D([], [], color=colour, linewidth=3,
                                label=r["label"])
-             for r, colour in zip(results, method_colours(len(results)))]
+             for r, colour in zip(results, colours)]
   handles += [
       plot_lines.Line2D([], [], color="black", marker="o", markersize=3,
                         label="kNN top-1 (k=20), online"),
