@@ -37,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +81,7 @@ def _define_flags() -> None:
 
 
 RUN_RECORD = "table_run.json"
+RUN_LOG = "table_run.log"  # The last process's output.
 RAW_PIXELS = "raw_pixels"
 
 
@@ -286,10 +288,11 @@ def _read_jsonl(path: str) -> list[dict]:
 def _cumulative_train_time(rows: list[dict]) -> list[dict]:
   """Rows whose train_time_sec counts every process of a resumed run.
 
-  Each process's clock starts at 0, so a fall marks a resume; the earlier
-  processes' last logged times are added to the later ones (steps trained
-  after the last log before a kill are not counted, nor are they in the
-  final model) and kept apart as earlier_train_time_sec.
+  The trainer continues the clock of the run it resumes; before 2026-11-30
+  each process's clock started at 0, so a fall marks a resume, and the
+  earlier processes' last logged times are added to the later ones (steps
+  trained after the last log before a kill are not counted, nor are they in
+  the final model).
   """
   offset, previous, cumulative = 0.0, 0.0, []
   for row in rows:
@@ -297,10 +300,34 @@ def _cumulative_train_time(rows: list[dict]) -> list[dict]:
       if row["train_time_sec"] < previous:
         offset += previous
       previous = row["train_time_sec"]
-      row = dict(row, train_time_sec=row["train_time_sec"] + offset,
-                 earlier_train_time_sec=offset)
+      row = dict(row, train_time_sec=row["train_time_sec"] + offset)
     cumulative.append(row)
   return cumulative
+
+
+# What contrastive.checkpoint logs before it restores a checkpoint; a failed
+# restore falls back to an older one and logs again, so the last one counts.
+_RESTORE_MESSAGE = re.compile(r"Restoring checkpoint of step (\d+)")
+
+
+def restored_step(log_text: str) -> int | None:
+  """The step a logged process resumed from; None if it started afresh."""
+  steps = _RESTORE_MESSAGE.findall(log_text)
+  return int(steps[-1]) if steps else None
+
+
+def earlier_train_seconds(metrics: list[dict], run_log: str) -> float:
+  """Training time of the processes before the one that wrote run_log.
+
+  The run record times only the last process of a resumed run; the ones
+  before it trained up to the step it restored (later steps they logged are
+  not in the final model).
+  """
+  step = restored_step(run_log)
+  if step is None:
+    return 0.0
+  return max((m["train_time_sec"] for m in metrics
+              if m["step"] <= step and "train_time_sec" in m), default=0.0)
 
 
 def run_row(name: str, row: Row, workdir: str, epochs: float) -> dict:
@@ -316,7 +343,7 @@ def run_row(name: str, row: Row, workdir: str, epochs: float) -> dict:
                       " --xla_force_host_platform_device_count=8")
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "table_run.log"), "w") as log:
+  with open(os.path.join(workdir, RUN_LOG), "w") as log:
     proc = subprocess.run(command, env=env, stdout=log,
                           stderr=subprocess.STDOUT, check=False)
   seconds = time.perf_counter() - start
@@ -334,6 +361,11 @@ def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
   """The table's numbers for one row, from the files its run wrote."""
   evaluation = _read_json(os.path.join(workdir, "linear_eval.json"))
   metrics = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  run_log_path = os.path.join(workdir, RUN_LOG)
+  run_log = ""
+  if os.path.exists(run_log_path):
+    with open(run_log_path, errors="replace") as f:
+      run_log = f.read()
   classifier_path = os.path.join(workdir, "classifier_eval.json")
   record_path = os.path.join(workdir, RUN_RECORD)
   measured = (datetime.date.fromtimestamp(os.path.getmtime(record_path))
@@ -356,8 +388,8 @@ def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
       "epochs": metrics[-1]["epoch"] if metrics else 0.0,
       "train_seconds": metrics[-1]["train_time_sec"] if metrics else 0.0,
       # The record times the last process; earlier ones count their training.
-      "run_seconds": record["seconds"] + (
-          metrics[-1].get("earlier_train_time_sec", 0.0) if metrics else 0.0),
+      "run_seconds": record["seconds"] + earlier_train_seconds(metrics,
+                                                               run_log),
       "curve": [(m["train_time_sec"], m["online/knn_top1"],
                  m.get("online/probe_top1")) for m in metrics
                 if "online/knn_top1" in m],

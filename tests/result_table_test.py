@@ -111,7 +111,26 @@ def test_training_time_adds_up_over_resumed_processes(tmp_path):
   assert [(r["step"], r["train_time_sec"]) for r in rows] == [
       (20, 10.0), (40, 20.0), (60, 29.0), (80, 39.0), (100, 43.0),
       (120, 53.0)]
-  assert rows[-1]["earlier_train_time_sec"] == 39.0
+  # The last process resumed from the step-80 checkpoint: the ones before
+  # it trained for 39 s of the final model.
+  log = "I1130 checkpoint.py:201] Restoring checkpoint of step 80 from /w\n"
+  assert result_table.earlier_train_seconds(rows, log) == 39.0
+
+
+def test_run_time_adds_the_training_before_the_last_resume():
+  # The trainer continues the clock: process 1 logs steps 20..60 and is
+  # killed; process 2 tries the step-60 checkpoint, finds it unreadable and
+  # resumes from step 40, its clock from 20 s.
+  rows = [{"step": s, "train_time_sec": t}
+          for s, t in [(20, 10.0), (40, 20.0), (60, 29.0), (80, 39.0)]]
+  log = ("Restoring checkpoint of step 60 from /w/checkpoints/60\n"
+         "W checkpoint unreadable\n"
+         "Restoring checkpoint of step 40 from /w/checkpoints/40\n")
+  assert result_table.restored_step(log) == 40
+  assert result_table.earlier_train_seconds(rows, log) == 20.0
+  # A process that started afresh is the whole run.
+  assert result_table.restored_step("I1130 Starting\n") is None
+  assert result_table.earlier_train_seconds(rows, "I1130 Starting\n") == 0.0
 
 
 @pytest.mark.slow

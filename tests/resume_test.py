@@ -23,6 +23,7 @@ import pytest
 import fake_fashion_mnist
 from contrastive import checkpoint
 from contrastive import momentum as momentum_lib
+from contrastive import result_table
 from contrastive import state as state_lib
 from contrastive import throughput
 from contrastive.data import fashion_mnist
@@ -269,9 +270,11 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(
   bad_dir = os.path.join(workdir, "checkpoints", "6")
   _corrupt(bad_dir, how)
   manager = checkpoint.create_manager(workdir, keep=5)
-  with caplog.at_level("WARNING"):
+  with caplog.at_level("INFO"):
     state = checkpoint.restore_latest(manager, _abstract(_state(0, 0.0)))
   assert int(state.step) == 3
+  # The result table reads the resumed step from this log to time the run.
+  assert result_table.restored_step(caplog.text) == 3
   np.testing.assert_array_equal(state.params["dense"]["kernel"],
                                 np.full((4, 3), 3.0))
   assert any(bad_dir in r.getMessage() and "unreadable" in r.getMessage()
