@@ -136,7 +136,9 @@ def get_config(arg=None):
   # after one epoch (online kNN 80.7 against 81.9 for strength 1.0) and
   # after 5 (87.66 linear / 86.07 kNN k=20, validated probe). With
   # the validated probe, tau 0.1 gave 87.73 linear / 86.76 kNN k=20 against
-  # tau 0.2's 88.05 / 85.99 (5 epochs, strength 1.0): kept at 0.2.
+  # tau 0.2's 88.05 / 85.99 (5 epochs, strength 1.0): kept at 0.2. Batch
+  # 512 with SimCLR's square-root lr scaling (lr 7.07, 585 steps) gave 87.01
+  # / 85.81: kept at 256.
   label_free = ("simclr", "dcl", "dclw", "fnc", "fn_removal", "bregman",
                 "moco", "mochi", "sce", "relic", "renyicl", "cmc", "ifnd",
                 "interclr")
