@@ -47,6 +47,26 @@ def test_model_outputs_unit_norm_embeddings_and_features():
   assert features.shape == (4, 64)
 
 
+def test_bregman_subnetworks_are_standardised_and_share_the_argmax():
+  """Raw, one or two of the K sub-networks won the argmax for every image
+  (their offsets dwarf their spread), which left the Bregman softmax with
+  identical columns and then let phi grow without bound; standardised, each
+  piece is zero-mean and unit-variance over the batch and many pieces win."""
+  config = common.base_config().model
+  config.update(depth=18, width=0.125, cifar_stem=True)
+  config.head.update(hidden_dims=(64,), out_dim=32)
+  config.bregman.update(subnetworks=16, hidden_dim=32)
+  model = models.create(config)
+  x = jax.random.uniform(jax.random.key(1), (256, 16, 16, 1))
+  variables = model.init(jax.random.key(0), x[:2], train=False)
+  out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  phi = np.asarray(out["bregman_phi"], np.float64)
+  assert phi.shape == (256, 16)
+  np.testing.assert_allclose(phi.mean(axis=0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(phi.std(axis=0), 1.0, rtol=1e-3)
+  assert len(np.unique(phi.argmax(axis=-1))) >= 12
+
+
 def test_unknown_model_and_dtype_fail_clearly():
   config = common.base_config().model
   config.name = "vit"

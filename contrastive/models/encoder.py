@@ -66,16 +66,27 @@ class ProjectionHead(nn.Module):
 
 
 class BregmanSubnetworks(nn.Module):
-  """K independent MLPs h -> scalar (Dense-ReLU-Dense each), batched.
+  """K independent MLPs h -> scalar (Dense-ReLU-Dense each), batched, each
+  output standardised over the batch (BatchNorm without scale or bias).
+
+  Why standardised: raw, the sub-networks' offsets differ by several times
+  their spread across images, so one or two of them win the argmax for every
+  image; the Bregman softmax then sees identical columns (loss log(2N - 1),
+  no gradient), and once a second winner appears nothing bounds phi's scale
+  and the term is driven to 0 by growing phi (measured: grad norm 1e19 and a
+  non-finite loss at step 506 of a Fashion-MNIST run). Per-k standardisation
+  spreads the winners over the K pieces and fixes phi's scale; D is still
+  the Bregman divergence of the convex max(.) in phi's space.
 
   Float32 whatever the encoder's dtype: phi enters the loss as logits, and
   these layers are small next to the encoder.
   """
   num: int
   hidden_dim: int = 256
+  bn_momentum: float = 0.9
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, train: bool):
     h = h.astype(jnp.float32)
     hidden = nn.relu(nn.DenseGeneral(
         (self.num, self.hidden_dim), dtype=jnp.float32,
@@ -84,7 +95,11 @@ class BregmanSubnetworks(nn.Module):
                         (self.num, self.hidden_dim), jnp.float32)
     bias = self.param("out_bias", nn.initializers.zeros, (self.num,),
                       jnp.float32)
-    return jnp.einsum("bkh,kh->bk", hidden, kernel) + bias
+    phi = jnp.einsum("bkh,kh->bk", hidden, kernel) + bias
+    return nn.BatchNorm(
+        use_running_average=not train, use_bias=False, use_scale=False,
+        momentum=self.bn_momentum, epsilon=1e-5, dtype=jnp.float32,
+        param_dtype=jnp.float32)(phi)
 
 
 def l2_normalize(x, eps=1e-12):
@@ -123,7 +138,8 @@ class ContrastiveModel(nn.Module):
           (self.num_prototypes, self.head_out_dim), jnp.float32)
     if self.bregman_subnetworks:
       self.bregman = BregmanSubnetworks(self.bregman_subnetworks,
-                                        self.bregman_hidden_dim)
+                                        self.bregman_hidden_dim,
+                                        bn_momentum=self.bn_momentum)
     if self.predictor_out_dim:
       # MoCo v3 / BYOL: the online branch predicts the key encoder's
       # projection; the key encoder's own output is its projection.
@@ -154,7 +170,7 @@ class ContrastiveModel(nn.Module):
           z, l2_normalize(self.prototypes).T,
           precision=jax.lax.Precision.HIGHEST)
     if self.bregman_subnetworks:
-      outputs["bregman_phi"] = self.bregman(h)
+      outputs["bregman_phi"] = self.bregman(h, train=train)
     if self.linear_classes:
       outputs["class_logits"] = self.classifier(h.astype(jnp.float32))
     return outputs
