@@ -33,7 +33,8 @@ Variants (`:arg`, the loss; `make smoke METHOD=<variant>`):
   fn_removal      NT-Xent with those false negatives removed from the
                   denominator (Gupta et al. 2022), two views, tau 0.2
   bregman         NT-Xent + the deep Bregman term (Rezaei et al. 2021): 16
-                  sub-networks (Dense 64-ReLU-Dense 1), lambd 1, tau 0.2
+                  sub-networks (Dense 64-ReLU-Dense 1, each standardised
+                  over the batch), lambd 1, tau 0.2
   excon           SupCon over views whose low-saliency pixels (Grad-CAM of
                   the online probe, stage 1) are zeroed (Zhang et al. 2021),
                   the misclassified masked images background negatives (not

@@ -484,31 +484,38 @@ def markdown(results: list[dict], total_seconds: float,
   ])
 
 
-def method_colours(count: int) -> list[tuple[float, ...]]:
-  """`count` distinct colours: tab20's dark shades first, then its light."""
-  if count > 20:
-    raise ValueError(f"The plot tells at most 20 rows apart, got {count}; "
-                     "plot fewer rows (--rows) or split the table.")
+LINE_STYLES = ("-", "--", ":")
+
+
+def method_styles(count: int) -> list[tuple[tuple[float, ...], str]]:
+  """`count` distinct (colour, line style) pairs: tab20's dark shades first,
+  then its light, solid; past 20 rows the colours again, dashed, then
+  dotted."""
+  limit = 20 * len(LINE_STYLES)
+  if count > limit:
+    raise ValueError(f"The plot tells at most {limit} rows apart, got "
+                     f"{count}; plot fewer rows (--rows) or split the table.")
   palette = plt.get_cmap("tab20").colors
-  return [palette[2 * i % 20 + 2 * i // 20] for i in range(count)]
+  return [(palette[2 * (i % 20) % 20 + 2 * (i % 20) // 20],
+           LINE_STYLES[i // 20]) for i in range(count)]
 
 
 def figure_of(results: list[dict], title: str) -> plt.Figure:
   """Online kNN curves and final linear top-1, one legend entry per row."""
   figure, axis = plt.subplots(figsize=(9, 4.5))
-  colours = method_colours(len(results))
-  for r, colour in zip(results, colours):
+  styles = method_styles(len(results))
+  for r, (colour, line_style) in zip(results, styles):
     if r["curve"]:
       times, knn_top1, _ = zip(*r["curve"])
       axis.plot([t / 60 for t in times], [100 * a for a in knn_top1],
-                marker="o", markersize=3, color=colour)
+                marker="o", markersize=3, color=colour, linestyle=line_style)
     axis.scatter([r["train_seconds"] / 60], [100 * r["linear_top1"]],
                  marker="*", s=120, color=colour, zorder=3)
   # One proxy per row (its colour) and one per mark (its meaning), so that
   # the legend stays a column of rows however many there are.
-  handles = [plot_lines.Line2D([], [], color=colour, linewidth=3,
-                               label=r["label"])
-             for r, colour in zip(results, colours)]
+  handles = [plot_lines.Line2D([], [], color=colour, linestyle=line_style,
+                               linewidth=2, label=r["label"])
+             for r, (colour, line_style) in zip(results, styles)]
   handles += [
       plot_lines.Line2D([], [], color="black", marker="o", markersize=3,
                         label="kNN top-1 (k=20), online"),

@@ -45,32 +45,37 @@ def test_markdown_lists_every_row_and_raw_pixels(tmp_path):
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_gives_each_row_its_own_colour_and_keeps_the_legend_outside():
+def test_plot_gives_each_row_its_own_style_and_keeps_the_legend_outside():
   results = [_result(f"m{i}", 0.80 + i / 100, [(60.0 * i + 60, 0.8, 0.7)])
-             for i in range(20)]
+             for i in range(24)]
   results[0]["raw_pixels"] = {"top1": 0.84, "feature_dim": 784}
-  colours = result_table.method_colours(20)
-  assert len(set(colours)) == 20
+  styles = result_table.method_styles(24)
+  assert len(set(styles)) == 24
+  assert len({colour for colour, _ in styles[:20]}) == 20
+  colours = [colour for colour, _ in styles]
   figure = result_table.figure_of(results, "title")
   try:
     axis, = figure.axes
     legend = axis.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == (
-        [f"M{i}" for i in range(20)] + ["kNN top-1 (k=20), online",
+        [f"M{i}" for i in range(24)] + ["kNN top-1 (k=20), online",
                                         "linear top-1, final",
                                         "Raw pixels (linear)"])
-    assert [tuple(h.get_color()) for h in legend.legend_handles[:20]] == [
-        tuple(c) for c in colours]
-    # Each row's curve and star carry its colour.
+    assert [(tuple(h.get_color()), h.get_linestyle())
+            for h in legend.legend_handles[:24]] == [
+                (tuple(c), s) for c, s in styles]
+    # Each row's curve carries its colour and line style.
     assert tuple(axis.lines[5].get_color()) == tuple(colours[5])
+    assert (tuple(axis.lines[21].get_color()), axis.lines[21].get_linestyle()
+            ) == (tuple(colours[1]), "--")
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()
     assert (legend.get_window_extent(renderer).x0
             >= axis.get_window_extent(renderer).x1)
   finally:
     result_table.plt.close(figure)
-  with pytest.raises(ValueError, match="at most 20 rows"):
-    result_table.method_colours(21)
+  with pytest.raises(ValueError, match="at most 60 rows"):
+    result_table.method_styles(61)
 
 
 def test_merge_keeps_earlier_rows_in_table_order_and_dates_the_table():
