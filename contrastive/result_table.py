@@ -496,8 +496,9 @@ def method_styles(count: int) -> list[tuple[tuple[float, ...], str]]:
     raise ValueError(f"The plot tells at most {limit} rows apart, got "
                      f"{count}; plot fewer rows (--rows) or split the table.")
   palette = plt.get_cmap("tab20").colors
-  return [(palette[2 * (i % 20) % 20 + 2 * (i % 20) // 20],
-           LINE_STYLES[i // 20]) for i in range(count)]
+  dark_then_light = [palette[2 * j % 20 + 2 * j // 20] for j in range(20)]
+  return [(dark_then_light[i % 20], LINE_STYLES[i // 20])
+          for i in range(count)]
 
 
 def figure_of(results: list[dict], title: str) -> plt.Figure:
@@ -511,8 +512,9 @@ def figure_of(results: list[dict], title: str) -> plt.Figure:
                 marker="o", markersize=3, color=colour, linestyle=line_style)
     axis.scatter([r["train_seconds"] / 60], [100 * r["linear_top1"]],
                  marker="*", s=120, color=colour, zorder=3)
-  # One proxy per row (its colour) and one per mark (its meaning), so that
-  # the legend stays a column of rows however many there are.
+  # One proxy per row (its colour and line style) and one per mark (its
+  # meaning), so that the legend stays a column of rows however many there
+  # are.
   handles = [plot_lines.Line2D([], [], color=colour, linestyle=line_style,
                                linewidth=2, label=r["label"])
              for r, (colour, line_style) in zip(results, styles)]

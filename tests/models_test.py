@@ -47,7 +47,7 @@ def test_model_outputs_unit_norm_embeddings_and_features():
   assert features.shape == (4, 64)
 
 
-def test_bregman_subnetworks_are_standardised_and_share_the_argmax():
+def test_bregman_subnetworks_are_standardised_and_spread_the_argmax():
   """Raw, one or two of the K sub-networks won the argmax for every image
   (their offsets dwarf their spread), which left the Bregman softmax with
   identical columns and then let phi grow without bound; standardised, each
