@@ -20,12 +20,9 @@ one-hot of the column's k*(x_j). So the Bregman term is the in-batch kernel
 (`infonce.py`) with anchors phi and contrast columns one_hot(k*) (no
 gradient through the argmax), and runs with every `loss_impl`.
 
-The model standardises each phi_k over the batch (BatchNorm without scale
-or bias, `encoder.BregmanSubnetworks`): D is then the Bregman divergence of
-the convex max(.) in phi's space, the argmax is spread over the K pieces,
-and phi's scale, which these logits otherwise reward growing without
-bound, is fixed. Raw sub-networks diverged on Fashion-MNIST (one piece won
-every argmax, then grad norm 1e19 by step 480).
+The model standardises each phi_k over the batch; why (raw, the term
+collapsed to one argmax winner, then diverged) is in
+`encoder.BregmanSubnetworks`.
 
 Unverified (no public code; the paper's supplementary holds it): the form
 of the sub-networks (here each a Dense-ReLU-Dense MLP of the encoder
