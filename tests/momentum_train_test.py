@@ -211,12 +211,14 @@ def test_multi_crop_small_views_join_the_loss_but_not_the_key_encoder():
   state8, metrics8 = _run(config, sharding.make_mesh(), with_small)
   _, plain = _run(config, sharding.make_mesh(), batches)
   for m1, m8, m0 in zip(metrics1, metrics8, plain):
-    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    # 1.3e-5 apart on the second step on an Intel Xeon (float32 summation
+    # order); global-vs-local BatchNorm or a local-batch loss is 1e-2 apart.
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-4)
     assert np.isfinite(m8["loss"]) and m8["loss"] != m0["loss"]
   # The key encoder's BatchNorm scales and biases follow online ones whose
   # gradients are sums with heavy cancellation: float32 summation order (1
   # vs 8 devices, and the CPU's vector width) moves them by up to 2e-4 after
-  # two steps on an AMD EPYC, while the losses agree to 1e-5.
+  # two steps on an AMD EPYC, while the losses agree to about 1e-5.
   for a, b in zip(jax.tree.leaves(state1.momentum),
                   jax.tree.leaves(state8.momentum)):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)

@@ -195,12 +195,14 @@ def test_two_processes_equal_one_process(tmp_path):
   for i in range(NUM_PROCESSES):
     got = np.load(multi / f"process{i}.npz")
     assert sorted(got.files) == sorted(expected.files)
-    # Only the order of floating-point reductions may differ.
+    # Only the order of floating-point reductions may differ. BatchNorm
+    # biases follow gradients that are sums with heavy cancellation: after 3
+    # steps one moved by 2.7e-5 (of 0.0099) on an Intel Xeon.
     np.testing.assert_allclose(got["__loss__"], expected["__loss__"],
                                rtol=1e-5)
     for name in expected.files:
       np.testing.assert_allclose(got[name], expected[name], rtol=1e-4,
-                                 atol=1e-5, err_msg=name)
+                                 atol=1e-4, err_msg=name)
 
 
 def _initialize_calls(monkeypatch, on_tpu_vm: bool, **flag_values):
