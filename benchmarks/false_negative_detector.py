@@ -19,6 +19,7 @@ training step.
 """
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -89,26 +90,22 @@ def main() -> None:
   print("| batch | flagged columns per image | same class among flagged | "
         "same class among all other columns |")
   print("|---|---|---|---|")
-  totals = np.zeros(3)
-  batch = first
-  for index in range(args.batches):
-    if index:
-      batch = next(batches)
+  flagged, flagged_same, chances = 0, 0, []
+  for index, batch in enumerate(itertools.islice(
+      itertools.chain([first], batches), args.batches)):
     flags = np.asarray(flags_fn(variables, batch["image"]))
     labels = batch["label"]
-    views = batch["image"].shape[1]
-    column_labels = np.repeat(labels, views)
-    same = labels[:, None] == column_labels[None, :]
-    other = np.arange(len(labels))[:, None] != (
-        np.arange(flags.shape[1]) // views)[None, :]
-    counts = np.array([flags.sum(), (flags & same).sum(), 0.0])
-    chance = (same & other).sum() / other.sum()
-    totals += counts + np.array([0, 0, chance])
-    print(f"| {index} | {counts[0] / len(labels):.2f} | "
-          f"{counts[1] / max(counts[0], 1):.4f} | {chance:.4f} |")
-  print(f"| all | {totals[0] / (args.batches * len(labels)):.2f} | "
-        f"{totals[1] / max(totals[0], 1):.4f} | "
-        f"{totals[2] / args.batches:.4f} |")
+    column_samples = np.arange(flags.shape[1]) // batch["image"].shape[1]
+    same = labels[:, None] == labels[column_samples][None, :]
+    other = np.arange(len(labels))[:, None] != column_samples[None, :]
+    chances.append((same & other).sum() / other.sum())
+    flagged += flags.sum()
+    flagged_same += (flags & same).sum()
+    print(f"| {index} | {flags.sum() / len(labels):.2f} | "
+          f"{(flags & same).sum() / max(flags.sum(), 1):.4f} | "
+          f"{chances[-1]:.4f} |")
+  print(f"| all | {flagged / (args.batches * len(labels)):.2f} | "
+        f"{flagged_same / max(flagged, 1):.4f} | {np.mean(chances):.4f} |")
 
 
 if __name__ == "__main__":
