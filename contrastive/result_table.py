@@ -485,44 +485,51 @@ def markdown(results: list[dict], total_seconds: float,
 
 
 LINE_STYLES = ("-", "--", ":")
+# The final linear top-1 is a point, which has no line style: past 20 rows
+# the marker tells rows of one colour apart.
+FINAL_MARKERS = ("*", "D", "P")
 
 
-def method_styles(count: int) -> list[tuple[tuple[float, ...], str]]:
-  """`count` distinct (colour, line style) pairs: tab20's dark shades first,
-  then its light, solid; past 20 rows the colours again, dashed, then
-  dotted."""
+def method_styles(count: int) -> list[tuple[tuple[float, ...], str, str]]:
+  """`count` distinct (colour, line style, final marker) triples: tab20's
+  dark shades first, then its light, solid with stars; past 20 rows the
+  colours again, dashed with diamonds, then dotted with plus signs."""
   limit = 20 * len(LINE_STYLES)
   if count > limit:
     raise ValueError(f"The plot tells at most {limit} rows apart, got "
                      f"{count}; plot fewer rows (--rows) or split the table.")
   palette = plt.get_cmap("tab20").colors
   dark_then_light = [palette[2 * j % 20 + 2 * j // 20] for j in range(20)]
-  return [(dark_then_light[i % 20], LINE_STYLES[i // 20])
-          for i in range(count)]
+  return [(dark_then_light[i % 20], LINE_STYLES[i // 20],
+           FINAL_MARKERS[i // 20]) for i in range(count)]
 
 
 def figure_of(results: list[dict], title: str) -> plt.Figure:
   """Online kNN curves and final linear top-1, one legend entry per row."""
   figure, axis = plt.subplots(figsize=(9, 4.5))
   styles = method_styles(len(results))
-  for r, (colour, line_style) in zip(results, styles):
+  for r, (colour, line_style, marker) in zip(results, styles):
     if r["curve"]:
       times, knn_top1, _ = zip(*r["curve"])
       axis.plot([t / 60 for t in times], [100 * a for a in knn_top1],
                 marker="o", markersize=3, color=colour, linestyle=line_style)
     axis.scatter([r["train_seconds"] / 60], [100 * r["linear_top1"]],
-                 marker="*", s=120, color=colour, zorder=3)
+                 marker=marker, s=120 if marker == "*" else 60,
+                 color=colour, edgecolors="black", linewidths=0.5, zorder=3)
   # One proxy per row (its colour and line style) and one per mark (its
   # meaning), so that the legend stays a column of rows however many there
   # are.
   handles = [plot_lines.Line2D([], [], color=colour, linestyle=line_style,
-                               linewidth=2, label=r["label"])
-             for r, (colour, line_style) in zip(results, styles)]
+                               linewidth=2, marker=marker,
+                               markersize=8 if marker == "*" else 5,
+                               label=r["label"])
+             for r, (colour, line_style, marker) in zip(results, styles)]
   handles += [
       plot_lines.Line2D([], [], color="black", marker="o", markersize=3,
                         label="kNN top-1 (k=20), online"),
       plot_lines.Line2D([], [], color="black", marker="*", markersize=10,
-                        linestyle="none", label="linear top-1, final")]
+                        linestyle="none",
+                        label="linear top-1, final (the row's marker)")]
   for raw in (r[RAW_PIXELS] for r in results if RAW_PIXELS in r):
     handles.append(axis.axhline(100 * raw["top1"], color="grey",
                                 linestyle="--", label="Raw pixels (linear)"))

@@ -51,19 +51,30 @@ def test_plot_gives_each_row_its_own_style_and_keeps_the_legend_outside():
   results[0]["raw_pixels"] = {"top1": 0.84, "feature_dim": 784}
   styles = result_table.method_styles(24)
   assert len(set(styles)) == 24
-  assert len({colour for colour, _ in styles[:20]}) == 20
-  colours = [colour for colour, _ in styles]
+  assert len({colour for colour, _, _ in styles[:20]}) == 20
+  # A row past the 20th shares its colour but neither its line nor marker.
+  assert styles[21][0] == styles[1][0]
+  assert styles[21][1:] != styles[1][1:]
+  colours = [colour for colour, _, _ in styles]
   figure = result_table.figure_of(results, "title")
   try:
     axis, = figure.axes
     legend = axis.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == (
         [f"M{i}" for i in range(24)] + ["kNN top-1 (k=20), online",
-                                        "linear top-1, final",
+                                        "linear top-1, final (the row's "
+                                        "marker)",
                                         "Raw pixels (linear)"])
-    assert [(tuple(h.get_color()), h.get_linestyle())
+    assert [(tuple(h.get_color()), h.get_linestyle(), h.get_marker())
             for h in legend.legend_handles[:24]] == [
-                (tuple(c), s) for c, s in styles]
+                (tuple(c), s, m) for c, s, m in styles]
+    # Each row's final point carries its colour and marker.
+    finals = axis.collections
+    assert len(finals) == 24
+    assert (tuple(finals[21].get_facecolor()[0][:3]) ==
+            tuple(colours[1][:3]))
+    assert (finals[21].get_paths()[0].vertices.tolist() !=
+            finals[1].get_paths()[0].vertices.tolist())
     # Each row's curve carries its colour and line style.
     assert tuple(axis.lines[5].get_color()) == tuple(colours[5])
     assert (tuple(axis.lines[21].get_color()), axis.lines[21].get_linestyle()
