@@ -103,6 +103,14 @@ ROWS = {
               "configs/ce_fashion_mnist.py"),
     "simclr": Row("SimCLR", "NT-Xent, tau 0.2",
                   "configs/smoke_fashion_mnist.py:simclr"),
+    # SimCLR's learning rate, tuned alone: the other label-free rows keep the
+    # shared lr 5, so the "SimCLR" row is the one to compare them with.
+    "simclr_lr10": Row("SimCLR, LARS lr 10", "NT-Xent, tau 0.2",
+                       "configs/smoke_fashion_mnist.py:simclr",
+                       ("--config.optim.lr=10.0",)),
+    "simclr_lr20": Row("SimCLR, LARS lr 20", "NT-Xent, tau 0.2",
+                       "configs/smoke_fashion_mnist.py:simclr",
+                       ("--config.optim.lr=20.0",)),
     "supcon": Row("SupCon", "SupCon L_out, tau 0.2",
                   "configs/smoke_fashion_mnist.py:supcon", raw_pixels=True),
     "dcl": Row("DCL", "decoupled NT-Xent, tau 0.2",
