@@ -524,9 +524,9 @@ def figure_of(results: list[dict], title: str) -> plt.Figure:
     axis.scatter([r["train_seconds"] / 60], [100 * r["linear_top1"]],
                  marker=marker, s=120 if marker == "*" else 60,
                  color=colour, edgecolors="black", linewidths=0.5, zorder=3)
-  # One proxy per row (its colour and line style) and one per mark (its
-  # meaning), so that the legend stays a column of rows however many there
-  # are.
+  # One proxy per row (its colour, line style and final mark) and one per
+  # mark (its meaning), so that the legend stays a column of rows however
+  # many there are.
   handles = [plot_lines.Line2D([], [], color=colour, linestyle=line_style,
                                linewidth=2, marker=marker,
                                markersize=8 if marker == "*" else 5,
