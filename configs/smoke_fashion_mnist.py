@@ -124,8 +124,7 @@ def get_config(arg=None):
   # 88.32, lr 20 87.59 linear (the table's simclr_lr10 / simclr_lr20 rows);
   # every row keeps lr 5 so that the losses are compared at one setting.
   # Weight decay at lr 10: SimCLR's LARS value 1e-6 gave 87.87 linear /
-  # 86.86 kNN k=20, 5e-4 87.96 / 86.56, against 88.32 / 86.95 for 1e-4;
-  # tau 0.3 88.24 / 86.78.
+  # 86.86 kNN k=20, 5e-4 87.96 / 86.56, against 88.32 / 86.95 for 1e-4.
   config.optim.update(name="lars", lr=5.0, lr_scaling="linear",
                       weight_decay=1e-4, warmup_epochs=0.2)
   config.total_epochs = 2.0
@@ -142,7 +141,8 @@ def get_config(arg=None):
   # after one epoch (online kNN 80.7 against 81.9 for strength 1.0) and
   # after 5 (87.66 linear / 86.07 kNN k=20, validated probe). With
   # the validated probe, tau 0.1 gave 87.73 linear / 86.76 kNN k=20 against
-  # tau 0.2's 88.05 / 85.99 (5 epochs, strength 1.0): kept at 0.2. Batch
+  # tau 0.2's 88.05 / 85.99 (5 epochs, strength 1.0): kept at 0.2; at lr
+  # 10, tau 0.3 gave 88.24 / 86.78 against tau 0.2's 88.32 / 86.95. Batch
   # 512 with SimCLR's square-root lr scaling (lr 7.07, 585 steps) gave 87.01
   # / 85.81, batch 128 (lr 3.54, 2340 steps) 87.76 / 86.42: kept at 256.
   label_free = ("simclr", "dcl", "dclw", "fnc", "fn_removal", "bregman",
