@@ -358,11 +358,22 @@ def run_row(name: str, row: Row, workdir: str, epochs: float) -> dict:
   if proc.returncode != 0:
     raise RuntimeError(f"Row '{name}' failed (exit {proc.returncode}); see "
                        f"{workdir}/table_run.log and run again to resume.")
-  record = {"name": name, "command": command, "seconds": seconds}
+  record = {"name": name, "command": command, "seconds": seconds,
+            "overrides": list(_OVERRIDES.value)}
   with open(record_path, "w") as f:
     json.dump(record, f, indent=2)
   print(f"[{name}] done in {seconds / 60:.1f} min", flush=True)
   return record
+
+
+def labelled_with_overrides(row: Row, overrides) -> str:
+  """The row's label, naming the `--override`s its run was launched with,
+  so that a tried setting is not mistaken for the row's declared one (those
+  the row sets itself won and are left out)."""
+  own = {o.split("=", 1)[0] for o in row.overrides}
+  settings = [o.removeprefix("--config.") for o in overrides
+              if o.split("=", 1)[0] not in own]
+  return f"{row.label} ({', '.join(settings)})" if settings else row.label
 
 
 def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
@@ -379,7 +390,9 @@ def collect(name: str, row: Row, workdir: str, record: dict) -> dict:
   measured = (datetime.date.fromtimestamp(os.path.getmtime(record_path))
               if os.path.exists(record_path) else datetime.date.today())
   result = {
-      "name": name, "label": row.label, "loss": row.loss,
+      "name": name,
+      "label": labelled_with_overrides(row, record.get("overrides", ())),
+      "loss": row.loss,
       "measured": measured.isoformat(),
       "linear_top1": evaluation["top1"],
       "knn20_top1": evaluation.get("knn20_top1"),

@@ -149,6 +149,16 @@ def test_run_time_adds_the_training_before_the_last_resume():
   assert result_table.earlier_train_seconds(rows, "I1130 Starting\n") == 0.0
 
 
+def test_a_label_names_the_overrides_of_its_run():
+  row = result_table.Row("SimCLR, LARS lr 10", "x", "configs/x.py",
+                         ("--config.optim.lr=10.0",))
+  assert result_table.labelled_with_overrides(row, []) == row.label
+  # The row's own lr wins over the override, so only tau is named.
+  assert result_table.labelled_with_overrides(
+      row, ["--config.optim.lr=5.0", "--config.loss.temperature=0.3"]
+  ) == "SimCLR, LARS lr 10 (loss.temperature=0.3)"
+
+
 @pytest.mark.slow
 def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
   source = tmp_path / "fashion_mnist_src"
@@ -174,8 +184,11 @@ def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
                         text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   table = (out / "fashion_mnist.md").read_text()
-  assert "| Random init (no training) | - |" in table
-  assert "| SimCLR | NT-Xent, tau 0.2 |" in table
+  # Each label names the overrides its run was launched with.
+  # Each label names the overrides its run was launched with, but not the
+  # ones the row sets itself (random_init's total_steps=0 wins).
+  assert "| Random init (no training) (input.batch_size=16," in table
+  assert "| SimCLR (total_steps=2, input.batch_size=16," in table
   results = json.loads((out / "fashion_mnist.json").read_text())
   assert [r["name"] for r in results] == ["random_init", "simclr"]
   random_init, simclr = results
