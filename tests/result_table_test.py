@@ -239,7 +239,7 @@ def test_biased_table_trains_fairkl_with_bias_labels(tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   table = (out / "biased_fashion_mnist.md").read_text()
   assert "| unbiased linear top-1 |" in table
-  assert "| epsilon-SupInfoNCE + FairKL, rho 0.99 |" in table
+  assert "| epsilon-SupInfoNCE + FairKL, rho 0.99 (total_steps=2," in table
   metrics = [json.loads(line) for line in
              (tmp_path / "table" / "fairkl_rho0.99" / "metrics.jsonl")
              .read_text().splitlines()]
