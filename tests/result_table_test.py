@@ -184,7 +184,6 @@ def test_command_runs_rows_and_reuses_finished_ones(tmp_path):
                         text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   table = (out / "fashion_mnist.md").read_text()
-  # Each label names the overrides its run was launched with.
   # Each label names the overrides its run was launched with, but not the
   # ones the row sets itself (random_init's total_steps=0 wins).
   assert "| Random init (no training) (input.batch_size=16," in table
