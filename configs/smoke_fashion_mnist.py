@@ -121,10 +121,10 @@ def get_config(arg=None):
   # step; a 2-epoch run needs a larger lr than SimCLR's 4.8 at batch 4096
   # over 100+ epochs would suggest (lr 1.0 gave 84.0 vs 84.4 top-1 for lr 5.0
   # after one SimCLR epoch). SimCLR alone after 5 epochs: lr 5 88.05, lr 10
-  # 88.32, lr 20 87.59 linear (the table's simclr_lr10 / simclr_lr20 rows;
-  # 10 epochs at lr 10 gave 88.10, the simclr_lr10_10ep row; a head of
-  # hidden width 2048 instead of 512 at lr 10, 87.96);
+  # 88.32, lr 20 87.59 linear (the table's simclr_lr10 / simclr_lr20 rows);
   # every row keeps lr 5 so that the losses are compared at one setting.
+  # At lr 10, 10 epochs gave 88.10 (the simclr_lr10_10ep row) and a head of
+  # hidden width 2048 instead of 512 gave 87.96.
   # Weight decay at lr 10: SimCLR's LARS value 1e-6 gave 87.87 linear /
   # 86.86 kNN k=20, 5e-4 87.96 / 86.56, against 88.32 / 86.95 for 1e-4.
   config.optim.update(name="lars", lr=5.0, lr_scaling="linear",
