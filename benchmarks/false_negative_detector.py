@@ -31,16 +31,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # pylint: disable=g-import-not-at-top
 from contrastive import pretrained
 from contrastive.data import input_pipeline
+from contrastive.losses import fnc
 from contrastive.losses import infonce
 from contrastive.losses import streaming
-
-
-def _detector(config) -> infonce.FalseNegatives:
-  kwargs = dict(config.loss.get("kwargs", {}))
-  mode = "eliminate" if config.loss.name == "fn_removal" else kwargs.get(
-      "fn_mode", "attract")
-  return infonce.FalseNegatives(mode, kwargs.get("fn_topk", 10),
-                                kwargs.get("fn_threshold", 0.7))
 
 
 def _flags(model, variables, images, detector):
@@ -74,7 +67,9 @@ def main() -> None:
                      "measures the detector of fnc or fn_removal runs.")
   if args.data_dir:
     config.input.data_dir = args.data_dir
-  detector = _detector(config)
+  detector = fnc.detector_for(config.loss.name, **{
+      key: value for key, value in config.loss.get("kwargs", {}).items()
+      if key.startswith("fn_")})
   batches = input_pipeline.pretrain_dataset(
       config.input, seed=config.seed, process_index=0,
       process_count=1).as_numpy_iterator()

@@ -10,6 +10,8 @@ import pytest
 
 from contrastive import losses
 from contrastive import sharding
+from contrastive.losses import fnc
+from contrastive.losses import infonce
 from contrastive.losses import unbiased
 from losses_test import _embeddings
 from losses_test import _finite_difference_grad
@@ -527,6 +529,18 @@ def test_false_negative_losses_match_reference(name, mode, views):
   z = _embeddings(rng, 16, views, 3)
   expected = _run(name, z, None, 1, **kwargs)
   _assert_same(_run(name, z, None, 8, **kwargs), expected)
+
+
+def test_detector_for_is_the_detector_each_loss_runs():
+  # What the false-negative benchmark builds from a run's config.loss.kwargs.
+  assert fnc.detector_for("fnc") == infonce.FalseNegatives("attract", 10, 0.7)
+  assert fnc.detector_for("fn_removal", fn_topk=3, fn_threshold=0.5) == (
+      infonce.FalseNegatives("eliminate", 3, 0.5))
+  assert fnc.detector_for("fnc", fn_mode="eliminate").mode == "eliminate"
+  with pytest.raises(ValueError, match="fn_removal always eliminates"):
+    fnc.detector_for("fn_removal", fn_mode="attract")
+  with pytest.raises(ValueError, match="only fnc and fn_removal"):
+    fnc.detector_for("simclr")
 
 
 def _bregman_reference(z, phi, temperature, tau_b, lambd):

@@ -53,9 +53,32 @@ def _loss(z, labels, *, name, temperature, detector, loss_impl, block_size):
       block_size=block_size)
 
 
+_FNC_FLAGS = infonce.FalseNegatives()  # the official topk and threshold
+
+
+def detector_for(loss_name: str, *, fn_mode: str | None = None,
+                 fn_topk: int = _FNC_FLAGS.topk,
+                 fn_threshold: float = _FNC_FLAGS.threshold
+                 ) -> infonce.FalseNegatives:
+  """The detector that loss `loss_name` ("fnc" or "fn_removal") runs with
+  these `config.loss.kwargs`."""
+  if loss_name == "fn_removal":
+    if fn_mode not in (None, "eliminate"):
+      raise ValueError(f"fn_removal always eliminates; got fn_mode="
+                       f"{fn_mode!r}. Use fnc for fn_mode='attract'.")
+    fn_mode = "eliminate"
+  elif loss_name != "fnc":
+    raise ValueError(f"{loss_name!r} has no false-negative detector; only "
+                     "fnc and fn_removal do.")
+  return infonce.FalseNegatives(fn_mode or _FNC_FLAGS.mode, fn_topk,
+                                fn_threshold)
+
+
 def fnc_with_metrics(z: jax.Array, labels: None = None, *, temperature,
-                     fn_mode: str = "attract", fn_topk: int = 10,
-                     fn_threshold: float = 0.7, loss_impl: str = "gather",
+                     fn_mode: str = "attract",
+                     fn_topk: int = _FNC_FLAGS.topk,
+                     fn_threshold: float = _FNC_FLAGS.threshold,
+                     loss_impl: str = "gather",
                      block_size: int | None = None):
   """FNC loss and metrics.
 
@@ -75,21 +98,21 @@ def fnc_with_metrics(z: jax.Array, labels: None = None, *, temperature,
     masks, i.e. the sample's own views) plus `false_negatives_per_anchor`.
   """
   return _loss(z, labels, name="fnc", temperature=temperature,
-               detector=infonce.FalseNegatives(fn_mode, fn_topk,
-                                               fn_threshold),
+               detector=detector_for("fnc", fn_mode=fn_mode, fn_topk=fn_topk,
+                                     fn_threshold=fn_threshold),
                loss_impl=loss_impl, block_size=block_size)
 
 
 def fn_removal_with_metrics(z: jax.Array, labels: None = None, *,
-                            temperature, fn_topk: int = 10,
-                            fn_threshold: float = 0.7,
+                            temperature, fn_topk: int = _FNC_FLAGS.topk,
+                            fn_threshold: float = _FNC_FLAGS.threshold,
                             loss_impl: str = "gather",
                             block_size: int | None = None):
   """False-negative removal (Gupta et al.): `fnc` in "eliminate" mode;
   arguments as `fnc_with_metrics`."""
   return _loss(z, labels, name="fn_removal", temperature=temperature,
-               detector=infonce.FalseNegatives("eliminate", fn_topk,
-                                               fn_threshold),
+               detector=detector_for("fn_removal", fn_topk=fn_topk,
+                                     fn_threshold=fn_threshold),
                loss_impl=loss_impl, block_size=block_size)
 
 
