@@ -40,7 +40,7 @@ smoke: venv data
 # method with the same encoder and budget. By default the baseline rows
 # (random init, CE, SimCLR, SupCon: about 2 h on 2 cores); TABLE_ROWS= runs
 # every row of contrastive/result_table.py (each further method about 30 to
-# 60 min; the README's table took 1525 min in all).
+# 60 min; the README's table took 1624 min in all).
 # Rows not run this time keep their entries in results/fashion_mnist.json.
 TABLE_ROWS ?= random_init,ce,simclr,supcon
 table: venv data

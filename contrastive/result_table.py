@@ -6,16 +6,16 @@ r"""The Fashion-MNIST result table: each method, same encoder and budget.
   #       --data_dir=/tmp/contrastive/tensorflow_datasets --out=results
 
 Each row is one run of `contrastive.main` (a subprocess on 8 simulated CPU
-devices) into `workdir/<row>`: the same ResNet-18 (CIFAR stem, width 1/4),
-batch, epochs and input size, from `configs/smoke_fashion_mnist.py` and
-`configs/ce_fashion_mnist.py`. Every run is scored by the same frozen-feature
-protocols (L-BFGS linear probe, weighted kNN) and evaluated online every
-`--eval_every` steps (kNN against 10k training images), which gives the
-accuracy-against-training-time curves. Rows whose workdir already holds a
-finished run are read, not re-run (`--rerun` re-runs them; an interrupted
-run resumes from its checkpoint). `--merge` keeps the rows of an existing
-`out/<table>.json` that this call does not run, so rows measured on
-different days (whose workdirs may be gone) stay in one table.
+devices) into `workdir/<row>`: the same ResNet-18 (CIFAR stem, width 1/4; one
+SimCLR row at width 1/2), batch, epochs and input size, from
+`configs/smoke_fashion_mnist.py` and `configs/ce_fashion_mnist.py`. Every run
+is scored by the same frozen-feature protocols (L-BFGS linear probe, weighted
+kNN) and evaluated online every `--eval_every` steps (kNN against 10k training
+images), which gives the accuracy-against-training-time curves. Rows whose
+workdir already holds a finished run are read, not re-run (`--rerun` re-runs
+them; an interrupted run resumes from its checkpoint). `--merge` keeps the rows
+of an existing `out/<table>.json` that this call does not run, so rows measured
+on different days (whose workdirs may be gone) stay in one table.
 
 Writes `out/fashion_mnist.md` (the table, with the command, machine and
 total time) and `out/fashion_mnist.png`. A new method joins the table by
@@ -118,6 +118,13 @@ ROWS = {
                             "configs/smoke_fashion_mnist.py:simclr",
                             ("--config.optim.lr=10.0",
                              "--config.total_epochs=10.0")),
+    # Twice the encoder width (256-d features, about 4x the FLOPs): what the
+    # 128-d features of every other row cost SimCLR's linear probe, not a
+    # same-encoder comparison.
+    "simclr_lr10_width_half": Row(
+        "SimCLR, LARS lr 10, encoder width 1/2 (256-d features)",
+        "NT-Xent, tau 0.2", "configs/smoke_fashion_mnist.py:simclr",
+        ("--config.optim.lr=10.0", "--config.model.width=0.5")),
     "supcon": Row("SupCon", "SupCon L_out, tau 0.2",
                   "configs/smoke_fashion_mnist.py:supcon", raw_pixels=True),
     "dcl": Row("DCL", "decoupled NT-Xent, tau 0.2",
@@ -217,7 +224,8 @@ _OPEN_WORLD_ROWS = {
 TABLES = {
     "fashion_mnist": Table(
         "Fashion-MNIST, CPU: linear and kNN evaluation of frozen encoders",
-        "Encoder: ResNet-18 (CIFAR stem, width 1/4, 128-d features); batch "
+        "Encoder: ResNet-18 (CIFAR stem, width 1/4, 128-d features, unless "
+        "the label says width 1/2); batch "
         "256 images; 28 px; the 10k test images. Linear top-1: multinomial "
         "logistic regression (L-BFGS) on frozen, standardised features of "
         "the 60k training images, its L2 strength picked from 1e-6..1e-2 on "
