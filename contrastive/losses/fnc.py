@@ -53,7 +53,7 @@ def _loss(z, labels, *, name, temperature, detector, loss_impl, block_size):
       block_size=block_size)
 
 
-_FNC_FLAGS = infonce.FalseNegatives()  # the official topk and threshold
+_FNC_FLAGS = infonce.FalseNegatives()  # the official mode, topk and threshold
 
 
 def detector_for(loss_name: str, *, fn_mode: str | None = None,
@@ -75,7 +75,7 @@ def detector_for(loss_name: str, *, fn_mode: str | None = None,
 
 
 def fnc_with_metrics(z: jax.Array, labels: None = None, *, temperature,
-                     fn_mode: str = "attract",
+                     fn_mode: str = _FNC_FLAGS.mode,
                      fn_topk: int = _FNC_FLAGS.topk,
                      fn_threshold: float = _FNC_FLAGS.threshold,
                      loss_impl: str = "gather",
