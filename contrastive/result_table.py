@@ -94,6 +94,8 @@ class Row:
   # Whether the run scores raw pixels too (one row needs to).
   raw_pixels: bool = False
 
+# Twice the default encoder width: 256-d features instead of 128-d.
+_WIDTH_HALF = "--config.model.width=0.5"
 
 ROWS = {
     "random_init": Row(
@@ -124,9 +126,20 @@ ROWS = {
     "simclr_lr10_width_half": Row(
         "SimCLR, LARS lr 10, encoder width 1/2 (256-d features)",
         "NT-Xent, tau 0.2", "configs/smoke_fashion_mnist.py:simclr",
-        ("--config.optim.lr=10.0", "--config.model.width=0.5")),
+        ("--config.optim.lr=10.0", _WIDTH_HALF)),
     "supcon": Row("SupCon", "SupCon L_out, tau 0.2",
                   "configs/smoke_fashion_mnist.py:supcon", raw_pixels=True),
+    # The same-encoder comparison at width 1/2, beside simclr_lr10_width_half.
+    "random_init_width_half": Row(
+        "Random init, encoder width 1/2 (256-d features)", "-",
+        "configs/smoke_fashion_mnist.py:simclr",
+        ("--config.total_steps=0", _WIDTH_HALF)),
+    "ce_width_half": Row(
+        "Supervised cross-entropy (CE), encoder width 1/2 (256-d features)",
+        "cross-entropy", "configs/ce_fashion_mnist.py", (_WIDTH_HALF,)),
+    "supcon_width_half": Row(
+        "SupCon, encoder width 1/2 (256-d features)", "SupCon L_out, tau 0.2",
+        "configs/smoke_fashion_mnist.py:supcon", (_WIDTH_HALF,)),
     "dcl": Row("DCL", "decoupled NT-Xent, tau 0.2",
                "configs/smoke_fashion_mnist.py:dcl"),
     "dclw": Row("DCLW", "decoupled NT-Xent, vMF weights, tau 0.2",
