@@ -38,11 +38,11 @@ smoke: venv data
 
 # The Fashion-MNIST result table (results/fashion_mnist.md and .png): every
 # method with the same encoder and budget. By default the baseline rows at
-# encoder width 1/2 (random init, CE, SimCLR, SupCon: about 3.5 h on 2 cores);
+# encoder width 1/2 (random init, CE, SimCLR, SupCon: 238 min on 2 cores);
 # TABLE_ROWS=random_init,ce,simclr,supcon runs them at width 1/4, the width
 # of every other method's row (about 2 h); TABLE_ROWS= runs every row of
 # contrastive/result_table.py (each further method about 30 to 60 min; the
-# README's table took 1624 min in all).
+# README's table took 1763 min in all).
 # Rows not run this time keep their entries in results/fashion_mnist.json.
 TABLE_ROWS ?= random_init_width_half,ce_width_half,simclr_lr10_width_half,supcon_width_half
 table: venv data
