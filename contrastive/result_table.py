@@ -94,6 +94,7 @@ class Row:
   # Whether the run scores raw pixels too (one row needs to).
   raw_pixels: bool = False
 
+
 # Twice the default encoder width: 256-d features instead of 128-d.
 _WIDTH_HALF = "--config.model.width=0.5"
 
