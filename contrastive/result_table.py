@@ -95,8 +95,10 @@ class Row:
   raw_pixels: bool = False
 
 
-# Twice the default encoder width: 256-d features instead of 128-d.
+# Twice the default encoder width: 256-d features instead of 128-d. The
+# table's header counts on the label naming the width.
 _WIDTH_HALF = "--config.model.width=0.5"
+_WIDTH_HALF_LABEL = ", encoder width 1/2 (256-d features)"
 
 ROWS = {
     "random_init": Row(
@@ -127,18 +129,18 @@ ROWS = {
     # 4x the FLOPs), where SimCLR's linear probe is no longer held back by
     # 128-d features; SimCLR keeps the lr tuned for it at width 1/4.
     "random_init_width_half": Row(
-        "Random init, encoder width 1/2 (256-d features)", "-",
+        "Random init" + _WIDTH_HALF_LABEL, "-",
         "configs/smoke_fashion_mnist.py:simclr",
         ("--config.total_steps=0", _WIDTH_HALF)),
     "ce_width_half": Row(
-        "Supervised cross-entropy (CE), encoder width 1/2 (256-d features)",
+        "Supervised cross-entropy (CE)" + _WIDTH_HALF_LABEL,
         "cross-entropy", "configs/ce_fashion_mnist.py", (_WIDTH_HALF,)),
     "simclr_lr10_width_half": Row(
-        "SimCLR, LARS lr 10, encoder width 1/2 (256-d features)",
+        "SimCLR, LARS lr 10" + _WIDTH_HALF_LABEL,
         "NT-Xent, tau 0.2", "configs/smoke_fashion_mnist.py:simclr",
         ("--config.optim.lr=10.0", _WIDTH_HALF)),
     "supcon_width_half": Row(
-        "SupCon, encoder width 1/2 (256-d features)", "SupCon L_out, tau 0.2",
+        "SupCon" + _WIDTH_HALF_LABEL, "SupCon L_out, tau 0.2",
         "configs/smoke_fashion_mnist.py:supcon", (_WIDTH_HALF,)),
     "dcl": Row("DCL", "decoupled NT-Xent, tau 0.2",
                "configs/smoke_fashion_mnist.py:dcl"),
