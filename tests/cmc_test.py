@@ -157,7 +157,7 @@ def test_train_step_contrasts_the_modality_encoders_on_eight_devices():
   from configs import smoke_fashion_mnist  # pylint: disable=g-import-not-at-top
   from contrastive import sharding  # pylint: disable=g-import-not-at-top
   config = smoke_fashion_mnist.get_config("cmc")
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(32,), out_dim=16)
   rng = np.random.default_rng(0)
   batches = [{"image": rng.uniform(size=(helpers.BATCH, 1,

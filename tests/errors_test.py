@@ -36,7 +36,7 @@ def data(tmp_path_factory):
 def config(data, monkeypatch):
   monkeypatch.setenv(fashion_mnist.ENV_VAR, data[0])
   config = smoke_fashion_mnist.get_config("simclr")
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.input.update(data_dir=data[1], batch_size=16)
   config.total_steps = 2
   config.linear_eval.enabled = False

@@ -25,7 +25,7 @@ IMAGE_SHAPE = (12, 12, 1)
 
 def _model_and_variables(seed=0):
   config = smoke_fashion_mnist.get_config("excon")
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(16,), out_dim=8)
   model = models.create(config.model)
   variables = model.init(jax.random.key(seed),

@@ -22,7 +22,7 @@ BATCH, VIEWS = 32, 2
 
 def _setup(method="supcon", loss_impl="gather"):
   config = smoke_fashion_mnist.get_config(method)
-  config.model.width = 0.125
+  config.model.update(depth=10, width=0.125)
   config.model.head.hidden_dims = (32,)
   config.model.head.out_dim = 16
   config.loss.loss_impl = loss_impl

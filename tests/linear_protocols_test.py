@@ -280,7 +280,7 @@ def _tiny_run(tmp_path, monkeypatch, **linear_eval):
   fake_fashion_mnist.write(source, num_train=64, num_test=24)
   monkeypatch.setenv(fashion_mnist.ENV_VAR, str(source))
   config = smoke_fashion_mnist.get_config("simclr")
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(16,), out_dim=8)
   config.input.data_dir = str(tmp_path / "tfds")
   config.linear_eval.update(batch_size=16, knn_k=(5,), **linear_eval)

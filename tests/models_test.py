@@ -16,9 +16,11 @@ def _param_count(module, shape):
   return sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"]))
 
 
-@pytest.mark.parametrize("depth,millions", [(18, 11.18), (50, 23.51)])
+@pytest.mark.parametrize("depth,millions", [(10, 4.91), (18, 11.18),
+                                            (50, 23.51)])
 def test_resnet_parameter_counts_match_torchvision(depth, millions):
-  # torchvision resnet18/resnet50 without the 1000-way fc layer.
+  # torchvision resnet18/resnet50 without the 1000-way fc layer; ResNet-10
+  # is torchvision's ResNet(BasicBlock, [1, 1, 1, 1]): 4,905,792 weights.
   count = _param_count(resnet.ResNet(depth=depth), (1, 224, 224, 3))
   assert count / 1e6 == pytest.approx(millions, abs=0.01)
 

@@ -25,7 +25,7 @@ BANK_ROWS = 64
 
 def _config(method="moco"):
   config = smoke_fashion_mnist.get_config(method)
-  config.model.width = 0.125
+  config.model.update(depth=10, width=0.125)
   config.model.head.hidden_dims = (32,)
   config.model.head.out_dim = 16
   config.momentum.update(queue_size=80, base=0.9)

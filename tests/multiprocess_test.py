@@ -56,7 +56,7 @@ def _tiny_config(data_dir=None):
   # initialised `jax.distributed`.
   from configs import smoke_fashion_mnist  # pylint: disable=g-import-not-at-top
   config = smoke_fashion_mnist.get_config("supcon")
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(32,), out_dim=16)
   # Pinned, not the smoke run's: at tau 0.2 one near-zero BN bias (2e-4)
   # lands 7e-5 apart after the steps, from the order of the cross-process
@@ -278,7 +278,8 @@ def _main_on_two_processes(workdir, data, total_steps):
        f"--num_processes={NUM_PROCESSES}", f"--process_id={i}",
        f"--config.input.data_dir={data_dir}",
        f"--config.input.batch_size={GLOBAL_BATCH}",
-       "--config.input.shuffle_buffer=48", "--config.model.width=0.125",
+       "--config.input.shuffle_buffer=48", "--config.model.depth=10",
+       "--config.model.width=0.125",
        "--config.model.head.hidden_dims=(32,)",
        "--config.model.head.out_dim=16", "--config.linear_eval.enabled=False",
        f"--config.total_steps={total_steps}", "--config.log_every_steps=1",

@@ -147,7 +147,7 @@ def nan_loss_config(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train.losses, "get_with_metrics", nan_loss)
   config = smoke_fashion_mnist.get_config("simclr")
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(32,), out_dim=16)
   config.input.update(data_dir=str(tmp_path / "tfds"), batch_size=16)
   config.total_steps = 3

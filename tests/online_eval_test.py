@@ -26,7 +26,7 @@ NUM_CLASSES = 4
 
 def _config(method="supcon"):
   config = smoke_fashion_mnist.get_config(method)
-  config.model.width = 0.125
+  config.model.update(depth=10, width=0.125)
   config.model.head.hidden_dims = (32,)
   config.model.head.out_dim = 16
   return config

@@ -24,7 +24,7 @@ IMAGE_SHAPE = (28, 28, 1)
 def tiny_config(data_dir: str | None = None):
   """The smoke config, shrunk to train 2 steps on the fake Fashion-MNIST."""
   config = smoke_fashion_mnist.get_config("simclr")
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(32,), out_dim=16)
   config.input.update(data_dir=data_dir, batch_size=16, shuffle_buffer=96)
   config.total_steps = 2

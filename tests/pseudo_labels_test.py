@@ -88,7 +88,7 @@ def data_dir(tmp_path_factory):
 
 def _config(data_dir):
   config = smoke_fashion_mnist.get_config("ifnd")
-  config.model.width = 0.125
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(32,), out_dim=16)
   config.input.update(data_dir=data_dir, batch_size=8, image_size=12)
   config.linear_eval.batch_size = 8

@@ -50,7 +50,8 @@ def _command(workdir, data_dir):
       "--config=configs/smoke_fashion_mnist.py:simclr",
       f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
       f"--config.total_steps={TOTAL_STEPS}", "--config.input.batch_size=32",
-      "--config.model.width=0.125", "--config.model.head.hidden_dims=(32,)",
+      "--config.model.depth=10", "--config.model.width=0.125",
+      "--config.model.head.hidden_dims=(32,)",
       "--config.model.head.out_dim=16", "--config.log_every_steps=1",
       f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}",
       "--config.linear_eval.enabled=False"]

@@ -43,7 +43,7 @@ def data(tmp_path_factory):
 
 
 def _tiny(config, data_dir):
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(32,), out_dim=16)
   config.input.update(data_dir=data_dir, batch_size=16, shuffle_buffer=64)
   config.total_steps = 4
@@ -271,7 +271,8 @@ def test_command_line_prints_classifier_and_linear_eval(data, tmp_path):
       [sys.executable, "-m", "contrastive.main",
        "--config=configs/ce_fashion_mnist.py", f"--workdir={tmp_path / 'run'}",
        f"--config.input.data_dir={data[1]}", "--config.total_steps=2",
-       "--config.input.batch_size=16", "--config.model.width=0.125",
+       "--config.input.batch_size=16", "--config.model.depth=10",
+       "--config.model.width=0.125",
        "--config.linear_eval.steps=10", "--config.linear_eval.batch_size=16"],
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
       env={**os.environ, fashion_mnist.ENV_VAR: data[0],

@@ -166,7 +166,7 @@ def test_training_run_logs_throughput_and_mfu(tmp_path, monkeypatch):
   # A fixed host peak: no probe, and the per-device share is known.
   monkeypatch.setattr(throughput, "measure_peak_flops", lambda devices: 8e9)
   config = smoke_fashion_mnist.get_config("simclr")
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(32,), out_dim=16)
   config.input.update(data_dir=str(tmp_path / "tfds"), batch_size=16,
                       shuffle_buffer=64)

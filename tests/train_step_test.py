@@ -24,7 +24,7 @@ def _config(method):
     config.loss.kwargs = dict(epsilon=0.25, lambd=1.0, kld=1.0)
   else:
     config = smoke_fashion_mnist.get_config(method)
-  config.model.width = 0.125
+  config.model.update(depth=10, width=0.125)
   config.model.head.hidden_dims = (32,)
   config.model.head.out_dim = 16
   return config

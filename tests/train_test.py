@@ -24,7 +24,7 @@ def fake_data(tmp_path_factory):
 
 def _tiny_config(data_dir, method="simclr"):
   config = smoke_fashion_mnist.get_config(method)
-  config.model.update(width=0.125)
+  config.model.update(depth=10, width=0.125)
   config.model.head.update(hidden_dims=(32,), out_dim=16)
   config.input.update(data_dir=data_dir, batch_size=16, shuffle_buffer=96)
   config.total_steps = 4
@@ -160,3 +160,4 @@ def test_moco_with_views_finished_on_device_resumes_exactly(fake_data,
   # The resumed process's training clock continues from the checkpoint's.
   resumed_times = [r["train_time_sec"] for r in rows[1]]
   assert resumed_times == sorted(resumed_times), resumed_times
+

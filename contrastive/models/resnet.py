@@ -1,9 +1,11 @@
 """ResNet v1.5 (stride on the 3x3 conv) with a width multiplier and CIFAR stem.
 
-Depths 18/34 use basic blocks, 50/101/152/200 bottlenecks. `width` scales
-every stage (ResNet-50 x2 and x4 of SimCLR are `width=2, 4`; a narrow CPU
-model is `width=0.25`). `cifar_stem=True` replaces the 7x7/2 conv and max-pool
-by a 3x3/1 conv, as small-image SimCLR/SupCon runs do (lightly #1419).
+Depths 10/18/34 use basic blocks, 50/101/152/200 bottlenecks; ResNet-10 (one
+basic block per stage) is the tests' encoder, where depth is not under test.
+`width` scales every stage (ResNet-50 x2 and x4 of SimCLR are `width=2, 4`;
+a narrow CPU model is `width=0.25`). `cifar_stem=True` replaces the 7x7/2
+conv and max-pool by a 3x3/1 conv, as small-image SimCLR/SupCon runs do
+(lightly #1419).
 
 References:
   He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
@@ -17,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 STAGE_SIZES = {
+    10: (1, 1, 1, 1),
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
     50: (3, 4, 6, 3),
