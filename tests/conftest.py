@@ -1,6 +1,8 @@
 """Test set-up: 8 simulated CPU devices, set before JAX is imported anywhere."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -24,6 +26,19 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The CPU peak-FLOP/s probe caches its figure (contrastive/throughput.py); one
 # measured under a loaded test run must not reach the user's real runs.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="contrastive_test_cache_")
+
+# One persistent XLA compilation cache for the whole test run, its pytest-xdist
+# workers and every subprocess they start (they inherit the environment):
+# most of the suite's time is XLA compiling a program some other test, or the
+# same test on another mesh, compiled a moment before. A fresh folder each
+# run, so that no run depends on what an earlier one left; entries are keyed
+# by the program and every compiler option, so a hit is the same executable.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="contrastive_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # pylint: disable=g-import-not-at-top
 
