@@ -1,10 +1,12 @@
 """End to end: the smoke config trains, logs, checkpoints, resumes, evaluates."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import fake_fashion_mnist
@@ -161,3 +163,20 @@ def test_moco_with_views_finished_on_device_resumes_exactly(fake_data,
   resumed_times = [r["train_time_sec"] for r in rows[1]]
   assert resumed_times == sorted(resumed_times), resumed_times
 
+
+def test_train_step_compiles_once_across_steps(fake_data, tmp_path,
+                                               monkeypatch, caplog):
+  """The loop's jitted step is lowered once: the state it returns (donated,
+  resharded, restored) must match the signature of the state it took, or
+  every step after the first recompiles (and the throughput's cost analysis
+  would compile a third program)."""
+  monkeypatch.setenv(fashion_mnist.ENV_VAR, fake_data)
+  config = _tiny_config(str(tmp_path / "tfds"))
+  config.linear_eval.enabled = False
+  config.online_eval.every_steps = 0
+  config.total_steps = 3
+  with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  lowered = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("Compiling jit(guarded) ")]
+  assert len(lowered) == 1, "\n\n".join(lowered)
