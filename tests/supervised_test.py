@@ -224,7 +224,7 @@ def test_finetuning_starts_from_the_pretrained_encoder(data, tmp_path,
       jax.tree.leaves(got)))
 
   config.model.depth = 34
-  with pytest.raises(ValueError, match="model.depth: pretrained 18 vs 34"):
+  with pytest.raises(ValueError, match="model.depth: pretrained 10 vs 34"):
     supervised.encoder_variables_of(config, models.create(config.model),
                                     IMAGE_SHAPE)
 
