@@ -34,7 +34,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 GLOBAL_BATCH = 16
 STEPS = 3
-TIMEOUT_S = 300
+# Only a guard against a hung rendezvous or collective, which would wait
+# forever: generous, not tight. The CLI test takes about 60 s alone on 2 idle
+# cores and ran past a 300 s deadline on a loaded machine; 1,200 s is 20 times
+# its idle time.
+TIMEOUT_S = 1200
 
 
 def _free_port() -> int:
@@ -78,6 +82,7 @@ def _run_processes(commands: list[list[str]], envs: list[dict[str, str]]
   the collectives of the others. If one process fails, the rest (which would
   wait for it forever) are killed.
   """
+  timed_out = False
   with tempfile.TemporaryDirectory() as logs:
     outputs, procs = [], []
     try:
@@ -93,6 +98,8 @@ def _run_processes(commands: list[list[str]], envs: list[dict[str, str]]
         if None not in codes or any(code for code in codes):
           break
         time.sleep(0.5)
+      else:
+        timed_out = True
     finally:
       for proc in procs:  # A hung or orphaned peer must not outlive the test.
         if proc.poll() is None:
@@ -106,6 +113,11 @@ def _run_processes(commands: list[list[str]], envs: list[dict[str, str]]
                                                  out.read(), err.read()))
       out.close()
       err.close()
+  if timed_out:
+    raise TimeoutError(
+        f"The {len(procs)} processes did not finish in {TIMEOUT_S} s (a hung "
+        "rendezvous or collective?); their last stderr:\n" + "\n".join(
+            f"[{i}] {r.stderr[-2000:]}" for i, r in enumerate(results)))
   return results
 
 
