@@ -148,18 +148,64 @@ def reference(data, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after", [4, 7, 10])
 def test_sigkill_then_rerun_is_bitwise_the_uninterrupted_run(
-    data, reference, tmp_path, kill_after):
+    data, reference, tmp_path):
+  # Mid-way between two checkpoints (3 and 6 are saved, 9 is due): the kill
+  # lands wherever the run is then, mid-step, mid-save or between steps.
   workdir = str(tmp_path / "run")
   proc = _start(workdir, data, tmp_path / "killed.log")
-  killed_at = _wait_for_step(proc, workdir, kill_after)
+  killed_at = _wait_for_step(proc, workdir, 7)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   resumed_from = _checkpoint_steps(workdir)[-1]
   print(f"killed after step {killed_at}, resuming from step {resumed_from}")
   assert 0 < resumed_from < TOTAL_STEPS
   _run(workdir, data)
+  _assert_same_run(workdir, reference)
+
+
+def _temporary_checkpoints(workdir):
+  folder = os.path.join(workdir, "checkpoints")
+  return sorted(name for name in os.listdir(folder)
+                if ".orbax-checkpoint-tmp" in name)
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_asynchronous_checkpoint_write(data, reference,
+                                                         tmp_path):
+  """Killed while step 6's checkpoint is written in the background (its
+  commit held back, tests/slow_checkpoint_commit.py) and training has gone
+  on past it: the rerun discards the partial checkpoint, resumes from step 3
+  and is bitwise the uninterrupted run."""
+  workdir = str(tmp_path / "run")
+  pending = 2 * CHECKPOINT_EVERY
+  command = [sys.executable, os.path.join(REPO, "tests",
+                                          "slow_checkpoint_commit.py"),
+             *_command(workdir, data[1])[3:]]
+  env = {**_env(data[0]), "PYTHONPATH": REPO,
+         "SLOW_COMMIT_STEP": str(pending)}
+  with open(tmp_path / "killed.log", "w") as log:
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 300
+    while not (_rows(workdir) and _rows(workdir)[-1]["step"] > pending
+               and os.path.isdir(os.path.join(workdir, "checkpoints"))
+               and _temporary_checkpoints(workdir)):
+      assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+      assert time.monotonic() < deadline, "The write was never in flight."
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert _temporary_checkpoints(workdir) == [
+      f"{pending}.orbax-checkpoint-tmp"], os.listdir(workdir)
+  assert _checkpoint_steps(workdir)[-1] == CHECKPOINT_EVERY
+  _run(workdir, data)
+  assert not _temporary_checkpoints(workdir)
   _assert_same_run(workdir, reference)
 
 
