@@ -11,8 +11,14 @@ baseline and fine-tuning).
 import json
 import os
 import sys
+import time
 
-from contrastive import xla_cpu
+# The run's clock starts here, or where `make smoke` started (the variable
+# below, in Unix seconds), so that the set-up phase counts the venv and data.
+_STARTED = time.time()
+STARTED_AT_ENV = "CONTRASTIVE_STARTED_AT"
+
+from contrastive import xla_cpu  # pylint: disable=g-import-not-at-top
 
 # Before JAX reads XLA_FLAGS (its first backend), hence before its import.
 xla_cpu.add_cpu_flags()
@@ -105,6 +111,31 @@ def _result_table(result) -> str:
   return "\n".join(lines)
 
 
+def _started_at(environ=os.environ) -> float:
+  try:
+    return min(float(environ[STARTED_AT_ENV]), _STARTED)
+  except (KeyError, ValueError):
+    return _STARTED
+
+
+def time_budget(seconds: dict[str, float], total: float) -> dict[str, float]:
+  """Set-up, training, evaluation and total seconds of the run.
+
+  `seconds` holds the trainer's "training" and "evaluation"; set-up is the
+  rest of `total` (imports, data preparation, state creation or restore).
+  """
+  training, evaluation = seconds["training"], seconds["evaluation"]
+  return {"setup": max(0.0, total - training - evaluation),
+          "training": training, "evaluation": evaluation, "total": total}
+
+
+def time_budget_line(budget: dict[str, float]) -> str:
+  return "Time budget: " + ", ".join(
+      f"{name} {budget[key] / 60:.1f} min" for name, key in (
+          ("set-up", "setup"), ("training", "training"),
+          ("evaluation", "evaluation"), ("total", "total")))
+
+
 def _parse_flags(argv):
   """absl's parser, with a mistyped `--config.x` reported in one line."""
   try:
@@ -155,6 +186,13 @@ def main(argv):
     print(_result_table(result))
     print(json.dumps({"workdir": _WORKDIR.value,
                       "images_per_sec": result["train"].get("images_per_sec")}))
+  if jax.process_index() == 0 and "seconds" in result:
+    # Last, so that the next regression is seen the day it happens.
+    budget = time_budget(result["seconds"], time.time() - _started_at())
+    print(time_budget_line(budget))
+    with tf.io.gfile.GFile(os.path.join(_WORKDIR.value, "time_budget.json"),
+                           "w") as f:
+      json.dump(budget, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ non-finite guard, SIGTERM preemption, metrics every `log_every_steps`.
 import functools
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -327,11 +328,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         mesh, probe_params=state.params[CLASSIFIER])
 
   logger = metric_logging.MetricLogger(workdir)
+  training_started = time.monotonic()
   state, last_metrics, preempted = training_loop.run(
       config, step, state, state_shardings, mesh=mesh, manager=manager,
       logger=logger, total_steps=total_steps,
       steps_per_epoch=steps_per_epoch, evaluate_online=evaluate_online,
       headline_metric="train_top1")
+  evaluation_started = time.monotonic()
   final_step = int(jax.device_get(state.step))
   result = {"train": last_metrics, "step": final_step,
             "preempted": preempted}
@@ -349,6 +352,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if config.linear_eval.enabled:
         result["linear_eval"] = linear.evaluate(
             config, workdir, model, encoder_state(state), mesh, logger)
+  # For the run's closing time budget (main.py): this process's seconds.
+  result["seconds"] = {
+      "training": evaluation_started - training_started,
+      "evaluation": time.monotonic() - evaluation_started}
   logger.close()
   manager.close()
   return result

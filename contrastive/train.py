@@ -15,6 +15,7 @@ from typing import Any
 
 import json
 import os
+import time
 
 from absl import logging
 import jax
@@ -502,11 +503,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         config, state, step=step))
 
   logger = metric_logging.MetricLogger(workdir)
+  training_started = time.monotonic()
   state, last_metrics, preempted = training_loop.run(
       config, step, state, state_shardings, mesh=mesh, manager=manager,
       logger=logger, total_steps=total_steps,
       steps_per_epoch=steps_per_epoch, evaluate_online=evaluate_online,
       headline_metric="contrastive_acc", refresh=refresh)
+  evaluation_started = time.monotonic()
   result = {"train": last_metrics, "step": int(jax.device_get(state.step)),
             "preempted": preempted}
   if not preempted and (config.model.num_prototypes
@@ -539,6 +542,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     with jax.set_mesh(mesh):
       result["linear_eval"] = linear.evaluate(
           config, workdir, model, state, mesh, logger)
+  # For the run's closing time budget (main.py): this process's seconds.
+  result["seconds"] = {
+      "training": evaluation_started - training_started,
+      "evaluation": time.monotonic() - evaluation_started}
   logger.close()
   manager.close()
   return result

@@ -281,3 +281,7 @@ def test_command_line_prints_classifier_and_linear_eval(data, tmp_path):
   assert ("Classifier after 2 steps on fashion_mnist_idx test (16 images): "
           "top-1" in proc.stdout)
   assert "| frozen encoder (64-d) after 2 steps |" in proc.stdout
+  assert proc.stdout.strip().splitlines()[-1].startswith(
+      "Time budget: set-up "), proc.stdout[-500:]
+  for phase in ("training", "evaluation", "total"):
+    assert f", {phase} " in proc.stdout.strip().splitlines()[-1]

@@ -3,8 +3,10 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -98,12 +100,25 @@ def test_command_line_run_prints_result_table(fake_data, tmp_path):
       "--config.model.width=0.125", "--config.linear_eval.steps=10",
       "--config.linear_eval.batch_size=16",
       env={fashion_mnist.ENV_VAR: fake_data,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           # As `make smoke` passes it: the set-up counts from there.
+           "CONTRASTIVE_STARTED_AT": str(time.time() - 600)})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert ("| representation | linear top-1 | linear top-5 | kNN top-1 (k=20) |"
           in proc.stdout)
   assert "| raw pixels (784-d) |" in proc.stdout
   assert "| frozen encoder (64-d) after 2 steps |" in proc.stdout
+  # The run ends with its time budget, every phase named.
+  last = proc.stdout.strip().splitlines()[-1]
+  assert re.fullmatch(r"Time budget: set-up \d+\.\d min, training \d+\.\d min, "
+                      r"evaluation \d+\.\d min, total \d+\.\d min", last), last
+  with open(tmp_path / "run" / "time_budget.json") as f:
+    budget = json.load(f)
+  assert set(budget) == {"setup", "training", "evaluation", "total"}
+  assert budget["setup"] >= 600 and budget["training"] > 0
+  assert budget["evaluation"] > 0
+  assert budget["total"] == pytest.approx(
+      budget["setup"] + budget["training"] + budget["evaluation"])
 
 
 @pytest.mark.slow
