@@ -48,11 +48,16 @@ def _run_steps(config, mesh, batches, num_steps=2):
   return jax.device_get(state), metrics
 
 
+# One case per way the step meets the global batch (all-gather, ring,
+# blockwise) and per input the step threads through for one loss (bias
+# labels: FairKL; prototypes in the model: ESupCon). That each loss is the
+# same on 8 devices as on 1, value and gradient, is proven loss by loss in
+# losses_test.py, infonce_family_test.py and ifnd_test.py; what the step
+# adds (global BN, the gradient's sum over devices, the input plumbing) does
+# not depend on the loss.
 @pytest.mark.parametrize("method,loss_impl", [
-    ("simclr", "gather"), ("supcon", "gather"), ("supcon", "ring"),
-    ("dclw", "ring"), ("eps_supinfonce", "gather"), ("fairkl", "gather"),
-    ("esupcon", "ring"), ("fnc", "gather"), ("bregman", "blockwise"),
-    pytest.param("simclr", "blockwise", marks=pytest.mark.slow)])
+    ("simclr", "gather"), ("supcon", "ring"), ("fairkl", "gather"),
+    ("esupcon", "ring"), ("bregman", "blockwise")])
 def test_eight_devices_equal_one(method, loss_impl):
   rng = np.random.default_rng(0)
   batches = [{
