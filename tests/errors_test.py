@@ -60,6 +60,7 @@ def _main(*args):
 # Config keys and types (refused by the locked config on the command line).
 
 
+@pytest.mark.slow
 def test_unknown_config_key(tmp_path):
   proc = _main(f"--workdir={tmp_path}", "--config.optim.lrr=0.1")
   assert proc.returncode != 0
@@ -69,6 +70,7 @@ def test_unknown_config_key(tmp_path):
   assert 'Did you mean "lr"' in last_line
 
 
+@pytest.mark.slow
 def test_wrong_config_type(tmp_path):
   proc = _main(f"--workdir={tmp_path}", "--config.total_steps=ten")
   assert proc.returncode != 0

@@ -42,6 +42,7 @@ def _classifier(rng, dim, classes=3):
                                      jnp.float32)}
 
 
+@pytest.mark.slow
 def test_gradcam_of_the_last_stage_is_the_class_activation_map():
   """Before pooling and a linear classifier, Grad-CAM equals CAM (Zhou et
   al. 2016): alpha_c = W_cy * r_c / (h * w), with r the probe's scaling."""
@@ -124,6 +125,7 @@ def _first_step(config, model, mesh, seed):
   return state, batch, step, probe_tx
 
 
+@pytest.mark.slow
 def test_excon_step_needs_the_probe_and_trains():
   config, model, _ = _model_and_variables()
   mesh = sharding.make_mesh()
@@ -263,6 +265,7 @@ def test_background_negatives_need_the_masked_embeddings():
                 temperature=0.1)
 
 
+@pytest.mark.slow
 def test_excon_step_with_background_negatives_embeds_the_failed_masks():
   """The step's loss is ExCon of the model's embeddings of the masked views
   and, in a pass of their own, of the masked images it got wrong."""

@@ -100,6 +100,7 @@ def _assert_trees_close(got, expected, rtol=1e-4, atol=1e-6):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_one_chunk_is_the_plain_step():
   setup = _setup()
   plain_state, plain_metrics = _step(*setup, chunks=0)
@@ -113,6 +114,7 @@ def test_one_chunk_is_the_plain_step():
 
 @pytest.mark.parametrize("chunks,loss_impl", [
     (2, "gather"), pytest.param(4, "ring", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_chunked_step_equals_ghost_batch_objective(chunks, loss_impl):
   config, model, tx, schedule, batch = _setup(loss_impl=loss_impl)
   state, metrics = _step(config, model, tx, schedule, batch, chunks)
@@ -139,6 +141,7 @@ def test_chunks_must_divide_the_local_batch():
 
 
 @pytest.mark.optimized_xla
+@pytest.mark.slow
 def test_activation_memory_falls_with_chunks():
   """Compiled per-device temp memory falls with the number of chunks."""
   config, model, tx, schedule, _ = _setup()

@@ -234,6 +234,7 @@ def test_bf16_losses_are_finite_and_close_to_float32(bf16_setup):
 
 @pytest.mark.parametrize("grad_cache_chunks", [
     0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_bf16_train_steps_keep_float32_parameters(bf16_setup,
                                                   grad_cache_chunks):
   config, model, schedule, tx, probe_tx, mesh, state = bf16_setup

@@ -73,6 +73,7 @@ def _run(config, mesh, batches, loss_options=None):
   return jax.device_get(state), metrics
 
 
+@pytest.mark.slow
 def test_step_moves_the_key_encoder_by_the_ema_and_enqueues_its_keys():
   config = _config()
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -156,6 +157,7 @@ def test_a_queue_shorter_than_a_step_of_keys_is_refused():
     "paco",
     *[pytest.param(m, marks=pytest.mark.slow)
       for m in ("gpaco", "mochi", "sce", "relic", "renyicl")]])
+@pytest.mark.slow
 def test_every_momentum_method_steps_on_eight_devices(method):
   config = _config(method)
   config.momentum.queue_size = 0 if method == "renyicl" else 64
@@ -229,6 +231,7 @@ def test_multi_crop_small_views_join_the_loss_but_not_the_key_encoder():
     step(state, with_small[0])
 
 
+@pytest.mark.slow
 def test_with_a_predictor_the_keys_are_the_key_encoders_projections():
   config = _config()
   config.model.predictor = dict(hidden_dims=(24,), out_dim=16)
@@ -267,6 +270,7 @@ _RESCOM_COUNTS = {"class_counts": np.array([50.0, 20.0, 8.0, 2.0],
                                            np.float32)}
 
 
+@pytest.mark.slow
 def test_rescom_fills_its_class_queues_with_view_0_embeddings():
   config = _rescom_config()
   mesh = sharding.make_mesh(devices=jax.devices()[:1])

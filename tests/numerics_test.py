@@ -85,6 +85,7 @@ def test_identical_embeddings(name):
   np.testing.assert_allclose(loss, np.log(31.0), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_very_large_batch():
   rng = np.random.default_rng(2)
   z = _normalized(rng, 4096, 2, 64)

@@ -67,6 +67,7 @@ def _assert_trees_equal(a, b, **tolerance):
                                **tolerance)
 
 
+@pytest.mark.slow
 def test_probe_does_not_change_the_encoder_step():
   config = _config()
   mesh = sharding.make_mesh()
@@ -139,6 +140,7 @@ def test_probe_learns_separable_features():
   assert np.mean(predicted == labels) >= 0.99
 
 
+@pytest.mark.slow
 def test_probe_with_grad_cache_equals_plain_step():
   config = _config("simclr")
   mesh = sharding.make_mesh()

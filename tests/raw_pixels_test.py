@@ -137,6 +137,7 @@ def test_the_smoke_runs_baseline_is_shipped(tmp_path, monkeypatch):
   assert raw_pixels.setting(simclr, simclr.input.dataset) == setting
 
 
+@pytest.mark.slow
 def test_command_line_writes_an_entry_the_run_then_reads(config, fake_source,
                                                          tmp_path):
   """The command that makes a shipped constant, into another folder."""

@@ -69,6 +69,7 @@ def test_whole_image_crop_masks_exactly_the_mask():
   np.testing.assert_allclose(view, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_view_flips_its_own_coin_and_nothing_else_changes():
   image, mask = _image_and_mask(seed=3)
   views = 400

@@ -122,6 +122,7 @@ def _one_step(config, mesh, batch, image_shape):
   return before, *jax.device_get((state.params, state.batch_stats, metrics))
 
 
+@pytest.mark.slow
 def test_step_on_8_devices_equals_1_device():
   config = _tiny(ce_fashion_mnist.get_config(), None)
   # Small images keep the two compilations short; BN statistics over the

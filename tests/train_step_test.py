@@ -58,6 +58,7 @@ def _run_steps(config, mesh, batches, num_steps=2):
 @pytest.mark.parametrize("method,loss_impl", [
     ("simclr", "gather"), ("supcon", "ring"), ("fairkl", "gather"),
     ("esupcon", "ring"), ("bregman", "blockwise")])
+@pytest.mark.slow
 def test_eight_devices_equal_one(method, loss_impl):
   rng = np.random.default_rng(0)
   batches = [{
@@ -108,6 +109,7 @@ def test_bias_label_loss_without_bias_labels_says_what_to_do():
                [batch], num_steps=1)
 
 
+@pytest.mark.slow
 def test_unicon_step_embeds_the_universum_and_trains():
   """UniCon's step makes universum images on each device and embeds them in
   a second pass; the step is deterministic and moves the parameters."""

@@ -83,6 +83,7 @@ def _main(*args, env=None):
       timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_mistyped_config_key_fails_clearly(tmp_path):
   proc = _main("--config=configs/smoke_fashion_mnist.py:simclr",
                f"--workdir={tmp_path}", "--config.optim.lrr=0.1")
@@ -179,6 +180,7 @@ def test_moco_with_views_finished_on_device_resumes_exactly(fake_data,
   assert resumed_times == sorted(resumed_times), resumed_times
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_across_steps(fake_data, tmp_path,
                                                monkeypatch, caplog):
   """The loop's jitted step is lowered once: the state it returns (donated,
