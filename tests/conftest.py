@@ -57,3 +57,17 @@ def _optimized_xla_when_marked(request):
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", disabled)
+
+
+@pytest.fixture
+def installed_fashion_mnist(monkeypatch):
+  """The real Fashion-MNIST IDX files in Debian's folder, or a skip."""
+  from contrastive.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+  missing = [name for names in fashion_mnist.SPLIT_FILES.values()
+             for name in names
+             if not os.path.exists(os.path.join(fashion_mnist.DEFAULT_DIR, name))]
+  if missing:
+    pytest.skip(f"Fashion-MNIST not installed in {fashion_mnist.DEFAULT_DIR} "
+                f"(missing {', '.join(missing)}): `make data` installs it.")
+  monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
+  return fashion_mnist.DEFAULT_DIR

@@ -421,12 +421,7 @@ def test_eval_view_center_crops_large_images():
 
 
 @pytest.mark.slow
-def test_real_fashion_mnist(tmp_path, monkeypatch):
-  if not all(os.path.exists(os.path.join(fashion_mnist.DEFAULT_DIR, name))
-             for names in fashion_mnist.SPLIT_FILES.values()
-             for name in names):
-    pytest.skip(f"Fashion-MNIST not installed in {fashion_mnist.DEFAULT_DIR}.")
-  monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
+def test_real_fashion_mnist(tmp_path, installed_fashion_mnist):
   data_dir = str(tmp_path)
   info = input_pipeline.dataset_info(_NAME, data_dir)
   assert info.splits["train"].num_examples == 60_000

@@ -112,13 +112,8 @@ def test_several_processes_do_not_use_the_data_dir_cache(config, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_smoke_runs_baseline_is_shipped(tmp_path, monkeypatch):
+def test_the_smoke_runs_baseline_is_shipped(tmp_path, installed_fashion_mnist):
   """`make smoke` reads its raw-pixel row instead of recomputing it."""
-  if not all(os.path.exists(os.path.join(fashion_mnist.DEFAULT_DIR, name))
-             for names in fashion_mnist.SPLIT_FILES.values()
-             for name in names):
-    pytest.skip(f"Fashion-MNIST not installed in {fashion_mnist.DEFAULT_DIR}.")
-  monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
   config = smoke_fashion_mnist.get_config("supcon")
   config.input.data_dir = str(tmp_path)
   setting = raw_pixels.setting(config, config.input.dataset)
