@@ -43,39 +43,6 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
-def test_trains_saves_resumes_and_evaluates(fake_data, tmp_path, monkeypatch):
-  # SupCon, so that labels go through the pipeline into the loss; SimCLR's
-  # whole run is the compile guard's below and the CLI's in resume_test.py.
-  monkeypatch.setenv(fashion_mnist.ENV_VAR, fake_data)
-  workdir = str(tmp_path / "run")
-  config = _tiny_config(str(tmp_path / "tfds"), "supcon")
-
-  result = train.train_and_evaluate(config, workdir)
-  assert result["step"] == 4
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]
-  for key in ("loss", "learning_rate", "contrastive_acc", "images_per_sec"):
-    assert key in rows[-1]
-  assert all(r["loss"] > 0 for r in rows)
-  with open(os.path.join(workdir, "linear_eval.json")) as f:
-    evaluation = json.load(f)
-  assert evaluation["dataset"] == "fashion_mnist_idx"
-  assert evaluation["split"] == "test"
-  assert evaluation["num_test"] == 40
-  assert 0.0 <= evaluation["top1"] <= evaluation["top5"] <= 1.0
-  assert "raw_pixels" in evaluation
-
-  # Same workdir, longer schedule: continues from step 4, does not restart.
-  config.total_steps = 6
-  result = train.train_and_evaluate(config, workdir)
-  assert result["step"] == 6
-  rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-  assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
-
-
 def _main(*args, env=None):
   return subprocess.run(
       [sys.executable, "-m", "contrastive.main", *args], cwd=REPO,
@@ -92,34 +59,72 @@ def test_mistyped_config_key_fails_clearly(tmp_path):
 
 
 @pytest.mark.slow
-def test_command_line_run_prints_result_table(fake_data, tmp_path):
+def test_command_line_trains_saves_evaluates_and_resumes(fake_data, tmp_path,
+                                                         monkeypatch):
+  """One run, as `make smoke` starts it, inspected for everything a finished
+  run leaves; then resumed in-process on a longer schedule."""
+  # SupCon, so that labels go through the pipeline into the loss; SimCLR's
+  # whole run is the compile guard's below and the CLI's in resume_test.py.
+  workdir = str(tmp_path / "run")
+  data_dir = str(tmp_path / "tfds")
   proc = _main(
       "--config=configs/smoke_fashion_mnist.py:supcon",
-      f"--workdir={tmp_path / 'run'}",
-      f"--config.input.data_dir={tmp_path / 'tfds'}",
-      "--config.total_steps=2", "--config.input.batch_size=16",
-      "--config.model.width=0.125", "--config.linear_eval.steps=10",
-      "--config.linear_eval.batch_size=16",
+      f"--workdir={workdir}", f"--config.input.data_dir={data_dir}",
+      # `_tiny_config(data_dir, "supcon")`, flag by flag: the resume below
+      # checks the recorded config against it.
+      "--config.model.depth=10", "--config.model.width=0.125",
+      "--config.model.head.hidden_dims=(32,)", "--config.model.head.out_dim=16",
+      "--config.input.batch_size=16", "--config.input.shuffle_buffer=96",
+      "--config.total_steps=4", "--config.log_every_steps=1",
+      "--config.checkpoint_every_steps=2",
+      "--config.linear_eval.batch_size=16", "--config.linear_eval.steps=20",
       env={fashion_mnist.ENV_VAR: fake_data,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            # As `make smoke` passes it: the set-up counts from there.
            "CONTRASTIVE_STARTED_AT": str(time.time() - 600)})
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+  # The printed table, and last the time budget with every phase named.
   assert ("| representation | linear top-1 | linear top-5 | kNN top-1 (k=20) |"
           in proc.stdout)
   assert "| raw pixels (784-d) |" in proc.stdout
-  assert "| frozen encoder (64-d) after 2 steps |" in proc.stdout
-  # The run ends with its time budget, every phase named.
+  assert "| frozen encoder (64-d) after 4 steps |" in proc.stdout
   last = proc.stdout.strip().splitlines()[-1]
   assert re.fullmatch(r"Time budget: set-up \d+\.\d min, training \d+\.\d min, "
                       r"evaluation \d+\.\d min, total \d+\.\d min", last), last
-  with open(tmp_path / "run" / "time_budget.json") as f:
+  with open(os.path.join(workdir, "time_budget.json")) as f:
     budget = json.load(f)
   assert set(budget) == {"setup", "training", "evaluation", "total"}
   assert budget["setup"] >= 600 and budget["training"] > 0
   assert budget["evaluation"] > 0
   assert budget["total"] == pytest.approx(
       budget["setup"] + budget["training"] + budget["evaluation"])
+
+  # Checkpoints, metrics and the evaluation record.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for key in ("loss", "learning_rate", "contrastive_acc", "images_per_sec"):
+    assert key in rows[-1]
+  assert all(r["loss"] > 0 for r in rows)
+  with open(os.path.join(workdir, "linear_eval.json")) as f:
+    evaluation = json.load(f)
+  assert evaluation["dataset"] == "fashion_mnist_idx"
+  assert evaluation["split"] == "test"
+  assert evaluation["num_test"] == 40
+  assert evaluation["step"] == 4
+  assert 0.0 <= evaluation["top1"] <= evaluation["top5"] <= 1.0
+  assert "raw_pixels" in evaluation
+
+  # Same workdir, longer schedule: continues from step 4, does not restart.
+  monkeypatch.setenv(fashion_mnist.ENV_VAR, fake_data)
+  config = _tiny_config(data_dir, "supcon")
+  config.total_steps = 6
+  result = train.train_and_evaluate(config, workdir)
+  assert result["step"] == 6
+  rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
 
 
 @pytest.mark.slow
