@@ -518,7 +518,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # trainer's classifier: `classifier_eval.json`.
     with jax.set_mesh(mesh):
       result["classifier"] = evaluate_prototypes(config, model, state, mesh)
-    logging.info("Prototype classifier: %s", result["classifier"])
+    kind = "Prototype" if config.model.num_prototypes else "Linear"
+    logging.info("%s classifier: %s", kind, result["classifier"])
     logger.writer.write_scalars(result["step"], {
         "classifier/top1": result["classifier"]["top1"],
         "classifier/top5": result["classifier"]["top5"]})
