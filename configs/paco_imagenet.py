@@ -34,9 +34,9 @@ the ImageNet val images). The linear probe and kNN of the frozen encoder
 run as for every method.
 Data: TFDS `imagenet_lt` (train 115.8k long-tailed, validation 20k, test
 = the 50k ImageNet val images) is built from the manually downloaded
-ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (`tfds build
-imagenet_lt --manual_dir=...`, which also fetches the ImageNet_LT split
-lists); the user must provide those archives.
+ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (`python -m
+contrastive.data.prepare imagenet_lt --data_dir=DIR --manual_dir=...`,
+which also fetches the ImageNet_LT split lists); the user must provide those archives.
 Deviations:
   - ImageNet-LT: the log prior of the class centres, as the official LT
     code's `cal_weight_for_classes`, comes from `config.loss.class_prior`:

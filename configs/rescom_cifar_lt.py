@@ -3,7 +3,7 @@ Contrastive Mining for Long-Tailed Recognition", arXiv 2203.11506).
 
 Command (one accelerator is plenty; TFDS cifar100 prepared under data_dir,
 from which `cifar_lt` builds the long-tailed split once):
-  tfds build cifar100 --data_dir=$HOME/tensorflow_datasets
+  python -m contrastive.data.prepare cifar100 --data_dir=$HOME/tensorflow_datasets
   python -m contrastive.main --config=configs/rescom_cifar_lt.py:imbalance=100 \
       --workdir=/tmp/rescom_cifar100_lt --config.input.data_dir=$HOME/tensorflow_datasets
 

@@ -28,11 +28,13 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
 from contrastive import supervised
 from contrastive import train
+from contrastive.data import prepare
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':arg'.", lock_config=True)
@@ -151,10 +153,26 @@ def _parse_flags(argv):
              "configs/common.py.")
 
 
+def expand_paths(config: ml_collections.ConfigDict) -> None:
+  """Expands `~` and `$VARIABLES` in every path-valued key, in place.
+
+  A shell expands `~` only at the start of a word, so in
+  `--config.input.data_dir=~/tensorflow_datasets` it reaches us unexpanded.
+  Path-valued keys are those named `*_dir`, `*_path` or `*_from`.
+  """
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      expand_paths(value)
+    elif isinstance(value, str) and key.endswith(("_dir", "_path", "_from")):
+      config[key] = prepare.expand_path(value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  expand_paths(config)
+  workdir = prepare.expand_path(_WORKDIR.value)
   try:  # Before any set-up: a mistyped trainer fails at once.
     trainer = get_trainer(config.trainer)
   except ValueError as e:
@@ -165,12 +183,16 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  result = trainer(config, _WORKDIR.value)
+  try:
+    result = trainer(config, workdir)
+  except prepare.DatasetNotPreparedError as e:
+    # The message says what to run; a traceback would bury it.
+    sys.exit(f"FATAL {e}")
   if result.get("preempted"):
     # Exit 0: the scheduler restarts the same command, which resumes.
     if jax.process_index() == 0:
       print(f"Preempted: checkpointed step {result['step']} in "
-            f"{_WORKDIR.value}; run the same command again to resume.")
+            f"{workdir}; run the same command again to resume.")
     return
   if jax.process_index() == 0 and "classifier" in result:
     classifier = result["classifier"]
@@ -184,13 +206,13 @@ def main(argv):
           f"{result['linear_eval']['split']} "
           f"({result['linear_eval']['num_test']} images):")
     print(_result_table(result))
-    print(json.dumps({"workdir": _WORKDIR.value,
+    print(json.dumps({"workdir": workdir,
                       "images_per_sec": result["train"].get("images_per_sec")}))
   if jax.process_index() == 0 and "seconds" in result:
     # Last, so that the next regression is seen the day it happens.
     budget = time_budget(result["seconds"], time.time() - _started_at())
     print(time_budget_line(budget))
-    with tf.io.gfile.GFile(os.path.join(_WORKDIR.value, "time_budget.json"),
+    with tf.io.gfile.GFile(os.path.join(workdir, "time_budget.json"),
                            "w") as f:
       json.dump(budget, f, indent=2)
 

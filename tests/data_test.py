@@ -158,7 +158,7 @@ def test_unprepared_dataset_says_how_to_get_it(tmp_path):
     input_pipeline.dataset_info("imagenet2012", str(tmp_path))
   message = str(error.value)
   assert str(tmp_path) in message
-  assert "tfds build imagenet2012" in message
+  assert "python -m contrastive.data.prepare imagenet2012" in message
   assert "downloads/manual" in message
 
 

@@ -95,7 +95,7 @@ def test_dataset_not_prepared(config, tmp_path):
   config.input.update(dataset="imagenet2012", data_dir=str(tmp_path / "none"))
   with pytest.raises(FileNotFoundError) as error:
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert "tfds build imagenet2012" in str(error.value)
+  assert "python -m contrastive.data.prepare imagenet2012" in str(error.value)
 
 
 def test_wrong_split_name(config, tmp_path):

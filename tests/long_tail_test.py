@@ -220,7 +220,7 @@ def test_cifar_lt_without_source_names_the_build_command(tmp_path):
   builder = tfds.builder("cifar_lt/cifar100_if50", data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError) as error:
     builder.download_and_prepare(download_config=fake_sources.NO_GCS)
-  assert f"`tfds build cifar100 --data_dir={tmp_path}`" in str(error.value)
+  assert f"`python -m contrastive.data.prepare cifar100 --data_dir={tmp_path}`" in str(error.value)
 
 
 def test_cifar_lt_configs():
@@ -284,5 +284,5 @@ def test_empty_groups_are_none():
 def test_pipeline_prepares_cifar_lt_on_first_use_or_says_what_is_missing(
     tmp_path):
   with pytest.raises(FileNotFoundError,
-                     match="tfds build cifar10 --data_dir="):
+                     match="contrastive.data.prepare cifar10 --data_dir="):
     input_pipeline.dataset_info("cifar_lt/cifar10_if100", str(tmp_path))

@@ -219,5 +219,5 @@ def test_cifar_without_source_names_the_build_command(tmp_path):
   with pytest.raises(FileNotFoundError) as error:
     input_pipeline.dataset_info("open_world/cifar100_seen50_labeled50",
                                 str(tmp_path))
-  assert f"`tfds build cifar100 --data_dir={tmp_path}`" in str(error.value)
+  assert f"`python -m contrastive.data.prepare cifar100 --data_dir={tmp_path}`" in str(error.value)
   assert "open_world/cifar100_seen50_labeled50" in str(error.value)

@@ -15,6 +15,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from contrastive.data import prepare
+
 ENV_VAR = "FASHION_MNIST_DIR"
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -56,7 +58,8 @@ def checked_source_dir() -> epath.Path:
   missing = [name for pair in SPLIT_FILES.values() for name in pair
              if not (folder / name).exists()]
   if missing:
-    raise FileNotFoundError(_missing_files_message(folder, missing))
+    raise prepare.DatasetNotPreparedError(
+        _missing_files_message(folder, missing))
   return folder
 
 

@@ -37,6 +37,7 @@ from contrastive.data import biased_fashion_mnist
 from contrastive.data import fashion_mnist
 from contrastive.data import long_tail
 from contrastive.data import open_world
+from contrastive.data import prepare
 
 # Builders whose source files are local: preparing them is cheap and needs no
 # network, so it happens on first use instead of being a manual step.
@@ -71,6 +72,7 @@ _CACHE_LIMIT_BYTES = 2 * 2**30
 def _prepared_builder(dataset: str,
                       data_dir: str | None) -> tfds.core.DatasetBuilder:
   """Returns the builder of `dataset`, prepared, or says how to prepare it."""
+  data_dir = prepare.expand_path(data_dir)
   builder = tfds.builder(dataset, data_dir=data_dir)
   if isinstance(builder, _LOCAL_BUILDERS):
     try:
@@ -88,19 +90,16 @@ def _prepared_builder(dataset: str,
     searched = (f"data_dir={root}" if data_dir else
                 f"the default data_dir {root} (input.data_dir is unset; set "
                 "it or $TFDS_DATA_DIR to where the data is)")
-    # The tfds command line finds this package's builders only if told to
-    # import their module.
-    module = type(builder).__module__
-    imports = (f" --imports={module}" if module.startswith("contrastive.")
-               else "")
+    manual = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+    manual_dir = f"{root}/downloads/manual" if manual else None
     message = (f"TFDS dataset '{dataset}' is not prepared in {searched}: "
                f"{builder.data_dir} does not exist. Prepare it once with "
-               f"`tfds build {dataset} --data_dir={root}{imports}`.")
-    manual = builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+               f"`{prepare.command(dataset, root, manual_dir)}`.")
     if manual:
       message += (f" It needs a manual download first: put the source files "
-                  f"in {root}/downloads/manual. {' '.join(manual.split())}")
-    raise FileNotFoundError(message)
+                  f"in {manual_dir} (or pass --manual_dir=<their folder>). "
+                  f"{' '.join(manual.split())}")
+    raise prepare.DatasetNotPreparedError(message)
   return builder
 
 

@@ -21,9 +21,9 @@ Builders and configs (`input.dataset = "<builder>/<config>"`):
   class: 24516, 16796 and 14886 in all; test has 10000.
 * `cifar_lt/cifar10_if10`, ..., `cifar_lt/cifar100_if100`: from the TFDS
   `cifar10` / `cifar100` datasets, which must be prepared first in the same
-  data_dir (`tfds build cifar10 --data_dir=DIR` needs the network once); then
-  `tfds build --imports=contrastive.data.long_tail cifar_lt/cifar10_if100
-  --data_dir=DIR` (or any first use through `tfds.builder`) derives the
+  data_dir (`python -m contrastive.data.prepare cifar10 --data_dir=DIR` needs
+  the network once); then `python -m contrastive.data.prepare
+  cifar_lt/cifar10_if100 --data_dir=DIR` (or any first use) derives the
   long-tailed one without network. CIFAR-10-LT keeps 5000 -> 500 / 100 / 50
   images per class (20431, 13996, 12406 in all), CIFAR-100-LT 500 -> 50 / 10
   / 5 (19573, 12608, 10847): the published sizes. CIFAR-100's `label` is the
@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from contrastive.data import fashion_mnist
+from contrastive.data import prepare
 
 # Seeds the per-class subsets of every config (2019: Cao et al.'s year).
 SEED = 2019
@@ -296,15 +297,15 @@ def load_tfds_source(
 
   Raises:
     FileNotFoundError: if the source is not prepared in `data_dir`, with the
-      `tfds build` command that prepares it.
+      command that prepares it.
   """
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise prepare.DatasetNotPreparedError(
         f"TFDS dataset '{name}', the source of cifar_lt, is not prepared in "
         f"data_dir={data_dir}: {builder.data_dir} does not exist. Prepare it "
-        f"first (this needs the network once) with `tfds build {name} "
-        f"--data_dir={data_dir}`, then prepare cifar_lt again.")
+        f"first (this needs the network once) with "
+        f"`{prepare.command(name, data_dir)}`, then prepare cifar_lt again.")
   splits = {}
   for split in ("train", "test"):
     examples = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,

@@ -31,10 +31,10 @@ Builder configs (`input.dataset = "open_world/<config>"`):
 * `cifar10_seen5_labeled50`, `cifar100_seen50_labeled50`: ORCA's and
   OpenCon's CIFAR settings (the first half of the classes seen, half of
   their images labelled), from the TFDS `cifar10` / `cifar100` datasets,
-  which must be prepared first in the same data_dir (`tfds build cifar10
-  --data_dir=DIR` needs the network once); then `tfds build
-  --imports=contrastive.data.open_world open_world/cifar10_seen5_labeled50
-  --data_dir=DIR` (or any first use through `tfds.builder`) derives the
+  which must be prepared first in the same data_dir (`python -m
+  contrastive.data.prepare cifar10 --data_dir=DIR` needs the network once);
+  then `python -m contrastive.data.prepare open_world/cifar10_seen5_labeled50
+  --data_dir=DIR` (or any first use) derives the
   open-world one without network, as `cifar_lt` does (see `long_tail`).
   CIFAR-10: 2500 labelled images per seen class (12500 in all, 37500
   unlabelled); CIFAR-100: 250 per seen class (12500, 37500). CIFAR-100's
@@ -64,6 +64,7 @@ import tensorflow_datasets as tfds
 
 from contrastive.data import fashion_mnist
 from contrastive.data import long_tail
+from contrastive.data import prepare
 
 # Seeds the labelled subsets of every config (2022: ORCA's year).
 SEED = 2022
@@ -314,9 +315,9 @@ class OpenWorld(tfds.core.GeneratorBasedBuilder):
     source = self.builder_config.source
     try:
       splits, names = long_tail.load_tfds_source(source, self.data_dir_root)
-    except FileNotFoundError as e:
+    except prepare.DatasetNotPreparedError as e:
       # Its message names cifar_lt, the other dataset derived this way.
-      raise FileNotFoundError(
+      raise prepare.DatasetNotPreparedError(
           f"{e} (open_world/{self.builder_config.name} derives from "
           f"'{source}' the same way: prepare it again after that.)") from e
     num_classes = SOURCES[source][0]
