@@ -211,6 +211,9 @@ def base_config() -> ml_collections.ConfigDict:
   # trained model, e.g. logging or the run's length, may differ) and refuse
   # otherwise; "force": resume despite a different config.
   config.resume = "auto"
+  # A finished run started again prints the results it recorded (no
+  # training, no evaluation); True evaluates its final state again.
+  config.reevaluate = False
   # A non-finite loss or gradient: "raise" stops the run before anything
   # non-finite is checkpointed; "skip" keeps the previous parameters and
   # optimizer state for that step (counted in the `skipped_steps` metric).

@@ -23,7 +23,7 @@ IGNORED_KEYS = ("log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "total_steps", "total_epochs",
                 "linear_eval", "online_eval.every_steps", "online_eval.knn_k",
                 "online_eval.knn_train_split", "input.data_dir", "resume",
-                "nonfinite")
+                "nonfinite", "reevaluate")
 
 
 class ConfigMismatchError(ValueError):
@@ -79,6 +79,17 @@ def _write(path: str, config: ml_collections.ConfigDict) -> None:
     tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
+def _warn_if_length_changed(recorded: dict, current: dict) -> None:
+  length = lambda c: (c.get("total_steps"), c.get("total_epochs"))
+  if length(recorded) != length(current):
+    logging.warning(
+        "Resuming with a new run length (total_steps, total_epochs: %s -> %s): "
+        "the learning-rate schedule is rebuilt for the new length, so the "
+        "learning rate jumps at the resumed step from the old curve to the "
+        "new one. For a run that follows one schedule, start it in a new "
+        "--workdir.", length(recorded), length(current))
+
+
 def check_config(workdir: str, config: ml_collections.ConfigDict, *,
                  has_checkpoint: bool) -> None:
   """Records the config, or checks it against the record before a resume.
@@ -95,7 +106,9 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *,
   path = os.path.join(workdir, CONFIG_FILE)
   if has_checkpoint and tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
-      recorded = _compared(json.load(f))
+      recorded_dict = json.load(f)
+    recorded = _compared(recorded_dict)
+    _warn_if_length_changed(recorded_dict, _as_json_dict(config))
     current = _compared(_as_json_dict(config))
     differences = [
         f"{k}: {recorded.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"

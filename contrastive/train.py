@@ -399,6 +399,42 @@ def evaluate_open_world(config: ml_collections.ConfigDict, model, state,
           "step": int(jax.device_get(state.step))}
 
 
+def _recorded_results(config: ml_collections.ConfigDict, workdir: str,
+                      latest_step: int | None, total_steps: int,
+                      scores_clustering: bool) -> dict[str, Any] | None:
+  """The results a finished run wrote, or None if it has to run (on).
+
+  Finished means: the latest checkpoint is the last step and every enabled
+  evaluation's record is of that step.
+  """
+  if latest_step != total_steps:
+    return None
+  records = {}
+  if config.model.num_prototypes or config.model.get("linear_classes", 0):
+    records["classifier"] = "classifier_eval.json"
+  if scores_clustering:
+    records["clustering"] = "clustering_eval.json"
+  if config.linear_eval.enabled:
+    records["linear_eval"] = "linear_eval.json"
+  result = {"step": total_steps, "preempted": False, "train": {},
+            "seconds": {"training": 0.0, "evaluation": 0.0}}
+  for key, name in records.items():
+    path = os.path.join(workdir, name)
+    if not tf.io.gfile.exists(path):
+      return None
+    with tf.io.gfile.GFile(path) as f:
+      result[key] = json.load(f)
+    if result[key].get("step") != total_steps:
+      return None
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if tf.io.gfile.exists(metrics):
+    with tf.io.gfile.GFile(metrics) as f:
+      lines = f.read().splitlines()
+    if lines:
+      result["train"] = json.loads(lines[-1])
+  return result
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Pretrains (resuming from `workdir` if it holds a checkpoint), evaluates.
@@ -468,6 +504,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       model, tx, image_shape, mesh, probe_tx=probe_tx,
       num_classes=num_classes,
       **_momentum_state_spec(config, num_classes, num_train))
+  if not config.reevaluate:
+    momentum_spec = _momentum_state_spec(config, num_classes, num_train)
+    recorded = _recorded_results(
+        config, workdir, manager.latest_step(), total_steps,
+        scores_clustering=momentum_spec.get("prototypes") is not None)
+    if recorded is not None:
+      run_dir.check_config(workdir, config, has_checkpoint=True)
+      logging.info("The run in %s finished at step %d; printing its recorded "
+                   "results (--config.reevaluate=True evaluates it again, a "
+                   "larger --config.total_steps trains it on).", workdir,
+                   total_steps)
+      manager.close()
+      return recorded
   state = _restore_or_create(config, workdir, manager, model, tx, image_shape,
                              mesh, abstract_state, probe_tx, num_classes,
                              num_train)

@@ -42,6 +42,13 @@ def steps_for(config: ml_collections.ConfigDict,
   total = (config.total_steps if config.total_steps is not None
            else math.ceil(config.total_epochs * steps_per_epoch))
   warmup = math.ceil(config.optim.warmup_epochs * steps_per_epoch)
+  if warmup >= total > 0 and warmup > 0:
+    logging.warning(
+        "The warm-up (optim.warmup_epochs=%s, %d steps) is not shorter than "
+        "the run (%d steps): the whole run is warm-up, the learning rate "
+        "never reaches its peak or decays. Lower optim.warmup_epochs or "
+        "train longer.", config.optim.warmup_epochs, warmup, total)
+    warmup = total  # What the schedule does (optim.learning_rate_schedule).
   return total, warmup, steps_per_epoch
 
 

@@ -4,6 +4,7 @@ Each test feeds one mistake and asserts the message names it and says what
 to do. None trains: the checks run before the first step.
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from contrastive import config_checks
 from contrastive import run_dir
 from contrastive import state as state_lib
 from contrastive import train
+from contrastive import training_loop
 from contrastive.data import fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +161,44 @@ def test_workdir_of_another_config_refuses_unless_forced(config, tmp_path):
   run_dir.check_config(workdir, changed, has_checkpoint=True)
   changed.resume = "auto"  # The record now holds the forced config.
   run_dir.check_config(workdir, changed, has_checkpoint=True)
+
+
+def test_resuming_with_a_new_length_says_the_schedule_jumps(config, tmp_path,
+                                                           caplog):
+  workdir = str(tmp_path)
+  run_dir.check_config(workdir, config, has_checkpoint=False)
+  with caplog.at_level(logging.WARNING):
+    run_dir.check_config(workdir, config, has_checkpoint=True)
+  assert not caplog.records  # Same length: nothing to say.
+  longer = config.copy_and_resolve_references()
+  longer.total_steps = 50
+  with caplog.at_level(logging.WARNING):
+    run_dir.check_config(workdir, longer, has_checkpoint=True)
+  [record] = caplog.records
+  message = record.getMessage()
+  assert "(2, " in message and "(50, " in message
+  assert "learning rate jumps" in message and "new --workdir" in message
+
+
+@pytest.mark.parametrize("warmup_epochs, total_steps, warmup, warned", [
+    (10, 5, 5, True),  # All warm-up: clipped, and said so.
+    (1, 4, 4, True),  # A warm-up as long as the run, too.
+    (0.5, 4, 2, False),
+])
+def test_warmup_longer_than_the_run_is_clipped_and_said(
+    config, caplog, warmup_epochs, total_steps, warmup, warned):
+  config.optim.warmup_epochs = warmup_epochs
+  config.total_steps = total_steps
+  with caplog.at_level(logging.WARNING):
+    steps = training_loop.steps_for(config, num_train_examples=64)
+  assert steps == (total_steps, warmup, 4)  # 64 images / batch 16.
+  messages = [r.getMessage() for r in caplog.records]
+  if warned:
+    [message] = messages
+    assert f"warm-up (optim.warmup_epochs={warmup_epochs}" in message
+    assert "the whole run is warm-up" in message
+  else:
+    assert not messages
 
 
 def test_config_mismatch_stops_train_and_evaluate_before_restoring(

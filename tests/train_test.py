@@ -15,6 +15,7 @@ import fake_fashion_mnist
 from configs import smoke_fashion_mnist
 from contrastive import train
 from contrastive.data import fashion_mnist
+from contrastive.evaluation import linear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,6 +126,21 @@ def test_command_line_trains_saves_evaluates_and_resumes(fake_data, tmp_path,
   rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+  # Finished: started again, it returns what it recorded, evaluating nothing.
+  with open(os.path.join(workdir, "linear_eval.json")) as f:
+    recorded = json.load(f)
+  evaluated = []
+  monkeypatch.setattr(linear, "evaluate",
+                      lambda *args: evaluated.append(args) or recorded)
+  again = train.train_and_evaluate(config, workdir)
+  assert not evaluated
+  assert again["step"] == 6 and again["linear_eval"] == recorded
+  assert again["train"] == rows[-1]
+  assert len(_read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == 6
+  config.reevaluate = True  # Unless asked to evaluate it again.
+  train.train_and_evaluate(config, workdir)
+  assert len(evaluated) == 1
 
 
 @pytest.mark.slow
