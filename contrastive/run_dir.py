@@ -107,9 +107,9 @@ def check_config(workdir: str, config: ml_collections.ConfigDict, *,
   if has_checkpoint and tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
       recorded_dict = json.load(f)
-    recorded = _compared(recorded_dict)
-    _warn_if_length_changed(recorded_dict, _as_json_dict(config))
-    current = _compared(_as_json_dict(config))
+    current_dict = _as_json_dict(config)
+    _warn_if_length_changed(recorded_dict, current_dict)
+    recorded, current = _compared(recorded_dict), _compared(current_dict)
     differences = [
         f"{k}: {recorded.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
         for k in sorted(recorded.keys() | current.keys())

@@ -500,15 +500,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           "or 0.")
 
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
-  abstract_state = state_lib.abstract_train_state(
-      model, tx, image_shape, mesh, probe_tx=probe_tx,
-      num_classes=num_classes,
-      **_momentum_state_spec(config, num_classes, num_train))
+  momentum_spec = _momentum_state_spec(config, num_classes, num_train)
   if not config.reevaluate:
-    momentum_spec = _momentum_state_spec(config, num_classes, num_train)
     recorded = _recorded_results(
         config, workdir, manager.latest_step(), total_steps,
-        scores_clustering=momentum_spec.get("prototypes") is not None)
+        scores_clustering=momentum_spec["prototypes"] is not None)
     if recorded is not None:
       run_dir.check_config(workdir, config, has_checkpoint=True)
       logging.info("The run in %s finished at step %d; printing its recorded "
@@ -517,6 +513,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                    total_steps)
       manager.close()
       return recorded
+  abstract_state = state_lib.abstract_train_state(
+      model, tx, image_shape, mesh, probe_tx=probe_tx,
+      num_classes=num_classes, **momentum_spec)
   state = _restore_or_create(config, workdir, manager, model, tx, image_shape,
                              mesh, abstract_state, probe_tx, num_classes,
                              num_train)

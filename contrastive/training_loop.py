@@ -42,7 +42,7 @@ def steps_for(config: ml_collections.ConfigDict,
   total = (config.total_steps if config.total_steps is not None
            else math.ceil(config.total_epochs * steps_per_epoch))
   warmup = math.ceil(config.optim.warmup_epochs * steps_per_epoch)
-  if warmup >= total > 0 and warmup > 0:
+  if 0 < total <= warmup:
     logging.warning(
         "The warm-up (optim.warmup_epochs=%s, %d steps) is not shorter than "
         "the run (%d steps): the whole run is warm-up, the learning rate "
